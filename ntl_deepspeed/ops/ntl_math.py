@@ -1,0 +1,50 @@
+"""Per-token NTL formulas, shared by the single-device reference and the vocab-parallel op."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+REWEIGH_MARGIN = 1.01  # the reference's factor on the max distance for mass off number tokens
+
+
+def number_distance(values: torch.Tensor, target: torch.Tensor,
+                    squash: Optional[Tuple[float, float, float]] = None) -> torch.Tensor:
+    """WAS ground cost ``D(v, y) = |v - y|``; with ``squash = (factor, d_min, d_max)`` nonzero
+    distances map linearly from ``[d_min, d_max]`` onto ``[1, factor]``."""
+    d = (values - target).abs()
+    if squash is None:
+        return d
+    factor, d_min, d_max = squash
+    scaled = 1 + (d - d_min) * ((factor - 1) / (d_max - d_min))
+    return torch.where(d == 0, torch.zeros_like(d), scaled)
+
+
+def dot_product_loss(kind: str, yhat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """NTL-Lp on the expected value: ``mse`` / ``l1`` / ``huber`` (delta 1) of ``yhat - y``."""
+    e = yhat - y
+    if kind == "mse":
+        return e * e
+    if kind == "l1":
+        return e.abs()
+    if kind == "huber":
+        a = e.abs()
+        return torch.where(a < 1, 0.5 * e * e, a - 0.5)
+    raise ValueError(f"not a dot-product NTL kind: {kind!r}")
+
+
+def dot_product_loss_grad(kind: str, yhat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d dot_product_loss / d yhat (autograd's convention at kinks: sign(0) = 0)."""
+    e = yhat - y
+    if kind == "mse":
+        return 2 * e
+    if kind == "l1":
+        return torch.sign(e)
+    if kind == "huber":
+        return e.clamp(-1, 1)
+    raise ValueError(f"not a dot-product NTL kind: {kind!r}")
+
+
+def reweigh(loss: torch.Tensor, mass: torch.Tensor, max_distance: float) -> torch.Tensor:
+    """Blend toward the worst loss by the probability mass placed off number tokens."""
+    return mass * loss + REWEIGH_MARGIN * max_distance * (1 - mass)

@@ -1,0 +1,125 @@
+"""Read the token strings of a tokenizer, whatever form it comes in.
+
+Every reader returns ``(pieces, size)``: ``pieces[i]`` is the text of token id ``i`` (``None`` for
+ids whose bytes are not valid UTF-8) and ``size`` is the tokenizer's id count. The tokenizer is
+never modified.
+"""
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any, List, Optional, Tuple
+
+Pieces = Tuple[List[Optional[str]], int]
+
+
+def _from_vocab_dict(vocab: dict) -> Pieces:
+    size = max(vocab.values()) + 1 if vocab else 0
+    pieces: List[Optional[str]] = [None] * size
+    for token, idx in vocab.items():
+        pieces[idx] = token
+    return pieces, size
+
+
+def from_hf_object(tok: Any) -> Pieces:
+    """A transformers tokenizer (slow or fast): ``get_vocab()`` includes added tokens."""
+    pieces, size = _from_vocab_dict(tok.get_vocab())
+    size = max(size, len(tok))
+    return pieces + [None] * (size - len(pieces)), size
+
+
+def from_tokenizer_json(path: str) -> Pieces:
+    from tokenizers import Tokenizer
+
+    return _from_vocab_dict(Tokenizer.from_file(path).get_vocab(with_added_tokens=True))
+
+
+def from_sentencepiece(sp: Any) -> Pieces:
+    n = sp.get_piece_size()
+    return [sp.id_to_piece(i) for i in range(n)], n
+
+
+def from_sentencepiece_file(path: str) -> Pieces:
+    import sentencepiece as spm
+
+    return from_sentencepiece(spm.SentencePieceProcessor(model_file=path))
+
+
+def _decode(b: bytes) -> Optional[str]:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def from_tiktoken_file(path: str) -> Pieces:
+    """A ``*.tiktoken`` BPE file: one ``base64(token-bytes) rank`` per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                token_b64, rank = line.split()
+                ranks[int(rank)] = base64.b64decode(token_b64)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: not a tiktoken BPE line ({e})") from None
+    size = max(ranks) + 1 if ranks else 0
+    pieces: List[Optional[str]] = [None] * size
+    for rank, b in ranks.items():
+        pieces[rank] = _decode(b)
+    return pieces, size
+
+
+def from_tiktoken_encoding(enc: Any) -> Pieces:
+    size = enc.n_vocab
+    pieces: List[Optional[str]] = []
+    for i in range(size):
+        try:
+            pieces.append(_decode(enc.decode_single_token_bytes(i)))
+        except KeyError:  # holes between ordinary and special ranks
+            pieces.append(None)
+    return pieces, size
+
+
+def read_pieces(source: Any) -> Pieces:
+    """Recognise ``source`` and read its pieces (see module docstring)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            for name in ("tokenizer.json", "tokenizer.model", "tokenizer.model.v1"):
+                if os.path.exists(os.path.join(path, name)):
+                    return read_pieces(os.path.join(path, name))
+            tik = [n for n in os.listdir(path) if n.endswith(".tiktoken")]
+            if tik:
+                return from_tiktoken_file(os.path.join(path, tik[0]))
+            raise ValueError(f"{path}: no tokenizer.json, tokenizer.model or *.tiktoken inside")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer not found: {path}")
+        if path.endswith(".json"):
+            return from_tokenizer_json(path)
+        if path.endswith(".tiktoken"):
+            return from_tiktoken_file(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if head.lstrip().startswith(b"{"):
+            return from_tokenizer_json(path)
+        try:
+            return from_sentencepiece_file(path)
+        except Exception:
+            pass
+        try:
+            return from_tiktoken_file(path)
+        except ValueError:
+            raise ValueError(f"{path}: not a tokenizer.json, sentencepiece model or tiktoken file") from None
+    if hasattr(source, "get_vocab") and hasattr(source, "__len__"):
+        return from_hf_object(source)
+    if hasattr(source, "id_to_piece") and hasattr(source, "get_piece_size"):
+        return from_sentencepiece(source)
+    if hasattr(source, "decode_single_token_bytes") and hasattr(source, "n_vocab"):
+        return from_tiktoken_encoding(source)
+    raise TypeError(f"cannot read tokens from {type(source).__name__}: expected a Hugging Face "
+                    "tokenizer, a tokenizer.json/.model/.tiktoken path, a SentencePieceProcessor "
+                    "or a tiktoken.Encoding")
+
