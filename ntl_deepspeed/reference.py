@@ -50,11 +50,13 @@ def _reduce(per_token, mask, loss_weights, reduction):
 def ntl_loss(logits: torch.Tensor, labels: torch.Tensor, number_vocab: NumberVocab,
              kind: str = "was", reweigh: bool = False, squash_factor: Optional[float] = None,
              loss_weights: Optional[torch.Tensor] = None, reduction: str = "mean",
-             ignore_index: int = -100) -> torch.Tensor:
+             ignore_index: int = -100, float_level: bool = False) -> torch.Tensor:
     """Token-level NTL. ``kind``: ``was`` (ntloss ``NTLoss``) or ``mse``/``l1``/``huber``
-    (``NTLossDotProduct`` with that loss function)."""
+    (``NTLossDotProduct`` with that loss function); ``number_level`` delegates to
+    :func:`number_level_loss` (``float_level`` applies there only)."""
     if kind == "number_level":
-        return number_level_loss(logits, labels, number_vocab, reweigh=reweigh,
+        return number_level_loss(logits, labels, number_vocab, float_level=float_level,
+                                 reweigh=reweigh,
                                  loss_weights=loss_weights, reduction=reduction,
                                  ignore_index=ignore_index)
     if squash_factor is not None and kind != "was":

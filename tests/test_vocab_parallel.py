@@ -1,0 +1,239 @@
+"""The vocab-parallel op on real gloo processes against the single-device reference."""
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_utils import run_distributed
+from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss, vocab_parallel_ce_ntl
+from ntl_deepspeed.numbers import partition_bounds
+
+V = 37  # prime: uneven shards at TP 2, 3, 4
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single",
+               "reduce", "gather", "scatter", "barrier")
+
+
+def make_vocab(layout):
+    """Number tokens spread over the vocab, all on the first shard, or only in the last ids."""
+    tokens = [f"w{i}" for i in range(V)]
+    ids = {"spread": [3, 7, 11, 14, 19, 23, 26, 30, 33, 36],
+           "first_shard": list(range(0, 10)),
+           "tail": list(range(V - 10, V))}[layout]
+    for digit, i in enumerate(ids):
+        tokens[i] = str(digit)
+    tokens[20] = "."
+    return NumberVocab.from_tokens(tokens)
+
+
+def make_batch(vocab, seed, shape=(3, 11)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*shape, vocab.vocab_size, generator=g) * 2.5
+    labels = torch.randint(0, vocab.vocab_size, shape, generator=g)
+    numeric = torch.rand(shape, generator=g) < 0.5
+    labels[numeric] = vocab.number_ids[torch.randint(0, 10, (int(numeric.sum()),), generator=g)]
+    labels[0, 0] = labels[-1, -1] = -100
+    weights = torch.rand(shape, generator=g) * 2
+    return logits, labels, weights
+
+
+def broadcast_from_rank0(*tensors):
+    for t in tensors if dist.is_initialized() else ():
+        dist.broadcast(t, src=0)
+    return tensors
+
+
+def reference(logits, labels, vocab, cfg, weights):
+    """CE (F.cross_entropy) + weight * NTL (our single-device reference) with the same weights."""
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         reduction="none").view(labels.shape)
+    w = torch.ones_like(ce) if weights is None else weights
+    valid = (labels != -100).float()
+    ce_mean = (ce * w * valid).sum() / (w * valid).sum()
+    ntl = ntl_loss(logits, labels, vocab, cfg.kind, reweigh=cfg.reweigh,
+                   squash_factor=cfg.squash_factor, loss_weights=weights,
+                   float_level=cfg.float_level)
+    return ce_mean + cfg.weight * ntl, ce_mean, ntl
+
+
+CONFIGS = [NTLConfig(kind="was"), NTLConfig(kind="was", reweigh=True),
+           NTLConfig(kind="was", squash_factor=3.0, reweigh=True), NTLConfig(kind="mse"),
+           NTLConfig(kind="mse", reweigh=True), NTLConfig(kind="l1"), NTLConfig(kind="huber"),
+           NTLConfig(kind="number_level"), NTLConfig(kind="number_level", reweigh=True,
+                                                     float_level=True)]
+
+
+def check_against_reference(rank, world, vocab, bounds, dtype, tol):
+    group = dist.group.WORLD if world > 1 else None
+    start, end = bounds[rank]
+    for seed, cfg in enumerate(CONFIGS):
+        for weights_on in (False, True):
+            logits, labels, weights = make_batch(vocab, seed)
+            broadcast_from_rank0(logits, labels, weights)
+            logits = logits.to(dtype)
+            w = weights if weights_on else None
+            shard = logits[..., start:end].clone().requires_grad_()
+            before = shard.detach().clone()
+            out = vocab_parallel_ce_ntl(shard, labels, vocab, group, cfg, loss_weights=w,
+                                        vocab_start_index=start)
+            out.loss.backward()
+            assert torch.equal(shard.detach(), before), "the op modified its input logits"
+            full = logits.float().requires_grad_()
+            ref, ref_ce, ref_ntl = reference(full, labels, vocab, cfg, w)
+            ref.backward()
+            msg = f"{cfg} weights={weights_on} rank={rank}/{world} {dtype}"
+            torch.testing.assert_close(out.ce, ref_ce, rtol=tol, atol=tol, msg=msg)
+            torch.testing.assert_close(out.ntl, ref_ntl, rtol=tol, atol=tol, msg=msg)
+            torch.testing.assert_close(out.loss, ref, rtol=tol, atol=tol, msg=msg)
+            torch.testing.assert_close(shard.grad.float(), full.grad[..., start:end],
+                                       rtol=tol, atol=tol * float(full.grad.abs().max()), msg=msg)
+            assert shard.grad.dtype == dtype
+
+
+def worker_matches_reference(rank, world, layouts, uneven):
+    for layout in layouts:
+        vocab = make_vocab(layout)
+        bounds = partition_bounds(V, world)
+        if uneven:  # a different uneven split than the default one
+            cuts = sorted({0, V} | {V * (r + 1) // (world + 1) + 2 for r in range(world - 1)})
+            bounds = list(zip(cuts[:-1], cuts[1:]))
+        check_against_reference(rank, world, vocab, bounds, torch.float32, 1e-5)
+        check_against_reference(rank, world, vocab, bounds, torch.bfloat16, 2e-2)
+
+
+def test_single_device_matches_reference():
+    for layout in ("spread", "tail"):
+        vocab = make_vocab(layout)
+        check_against_reference(0, 1, vocab, [(0, V)], torch.float32, 1e-5)
+        check_against_reference(0, 1, vocab, [(0, V)], torch.float16, 2e-2)
+
+
+@pytest.mark.parametrize("world,layouts,uneven", [
+    (2, ("spread", "first_shard"), False),
+    (3, ("spread", "tail"), True),
+    (4, ("first_shard",), False),  # number tokens absent from three of four shards
+])
+def test_tensor_parallel_matches_reference(world, layouts, uneven):
+    run_distributed(worker_matches_reference, world, layouts, uneven)
+
+
+def counting(monkeypatch_target, counts):
+    for name in COLLECTIVES:
+        fn = getattr(dist, name)
+
+        @functools.wraps(fn)
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            counts.append(_name)
+            return _fn(*a, **k)
+
+        setattr(monkeypatch_target, name, wrapped)
+
+
+def worker_contract_and_megatron(rank, world):
+    vocab = make_vocab("spread")
+    start, end = partition_bounds(V, world)[rank]
+    logits, labels, weights = make_batch(vocab, 7)
+    broadcast_from_rank0(logits, labels, weights)
+
+    # 1) exactly one MAX and one SUM all-reduce in forward, nothing in backward
+    originals = {n: getattr(dist, n) for n in COLLECTIVES}
+    counts = []
+    try:
+        counting(dist, counts)
+        shard = logits[..., start:end].clone().requires_grad_()
+        out = vocab_parallel_ce_ntl(shard, labels, vocab, dist.group.WORLD,
+                                    NTLConfig(kind="was", reweigh=True))
+        forward_calls = list(counts)
+        out.loss.backward()
+        backward_calls = counts[len(forward_calls):]
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+    assert forward_calls == ["all_reduce", "all_reduce"], forward_calls
+    assert backward_calls == [], backward_calls
+
+    # 2) CE against megatron-core's vocab_parallel_cross_entropy (on a copy: it writes in place)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        pad = 40  # megatron needs equal shards: pad the vocab with never-chosen ids
+        padded = NumberVocab.from_tokens(
+            [vocab.number_tokens.get(i, f"w{i}") for i in range(V)], vocab_size=pad)
+        big = torch.cat([logits, torch.full((*logits.shape[:-1], pad - V), -30.0)], -1)
+        s, e = partition_bounds(pad, world)[rank]
+        ours_in = big[..., s:e].clone().requires_grad_()
+        meg_in = big[..., s:e].clone().requires_grad_()
+        ours = vocab_parallel_ce_ntl(ours_in, labels.clamp_min(0), padded, dist.group.WORLD,
+                                     enabled=False, reduction="none")
+        meg = vocab_parallel_cross_entropy(meg_in.clone(), labels.clamp_min(0))
+        torch.testing.assert_close(ours.ce_per_token, meg, rtol=1e-5, atol=1e-5)
+        ours.loss.sum().backward()
+        meg.sum().backward()
+        torch.testing.assert_close(ours_in.grad, meg_in.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_collective_contract_and_megatron_ce():
+    run_distributed(worker_contract_and_megatron, 2)
+
+
+def worker_global_normalization(rank, world):
+    """DP ranks with different micro-batches: averaged gradients equal the one-big-batch loss."""
+    vocab = make_vocab("spread")
+    logits, labels, _ = make_batch(vocab, 100 + rank, shape=(2, 9 + 4 * rank))
+    x = logits.clone().requires_grad_()
+    out = vocab_parallel_ce_ntl(x, labels, vocab, None, NTLConfig(kind="mse", weight=1.0,
+                                normalization="global"), dp_group=dist.group.WORLD)
+    out.ntl.backward()
+    grad_avg_factor = 1.0 / world  # what DP gradient averaging does
+    value = out.ntl.detach().clone()
+    dist.all_reduce(value)
+    all_logits = [make_batch(vocab, 100 + r, shape=(2, 9 + 4 * r)) for r in range(world)]
+    big_logits = torch.cat([b[0] for b in all_logits], 1).requires_grad_()
+    big_labels = torch.cat([b[1] for b in all_logits], 1)
+    ref = ntl_loss(big_logits, big_labels, vocab, "mse")
+    ref.backward()
+    torch.testing.assert_close(value / world, ref, rtol=1e-5, atol=1e-5)
+    offset = sum(9 + 4 * r for r in range(rank))
+    torch.testing.assert_close(x.grad * grad_avg_factor,
+                               big_logits.grad[:, offset:offset + labels.shape[1]],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_global_normalization_equals_one_big_batch():
+    run_distributed(worker_global_normalization, 2)
+
+
+def worker_bad_shards(rank, world):
+    vocab = make_vocab("spread")
+    logits, labels, _ = make_batch(vocab, 3)
+    broadcast_from_rank0(logits, labels)
+    start, end = partition_bounds(V, world)[rank]
+    shard = logits[..., start:end]
+    # rank 1 claims a slice that overlaps rank 0's: every rank must raise, none may hang
+    wrong_start = start - 1 if rank == 1 else start
+    with pytest.raises(ValueError, match="do not partition"):
+        vocab_parallel_ce_ntl(shard, labels, vocab, dist.group.WORLD,
+                              vocab_start_index=wrong_start)
+    # rank 0's shard is one column short of the even partition
+    bad = shard[..., :-1] if rank == 0 else shard
+    with pytest.raises(ValueError, match="rank 0: its logits shard does not fit"):
+        vocab_parallel_ce_ntl(bad, labels, vocab, dist.group.WORLD)
+    # NaN on one rank only, with check_finite: all ranks raise with the count
+    nan_shard = shard.clone()
+    if rank == 1:
+        nan_shard[0, 0, :3] = float("nan")
+    with pytest.raises(ValueError, match=r"3 non-finite values \(per tensor-parallel rank: {1: 3}"):
+        vocab_parallel_ce_ntl(nan_shard, labels, vocab, dist.group.WORLD, check_finite=True)
+    # the group still works afterwards
+    out = vocab_parallel_ce_ntl(shard, labels, vocab, dist.group.WORLD)
+    assert torch.isfinite(out.loss)
+
+
+def test_bad_shards_raise_on_every_rank_without_hanging():
+    run_distributed(worker_bad_shards, 2, timeout=120)
