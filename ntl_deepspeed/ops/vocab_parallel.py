@@ -52,13 +52,24 @@ def _group_size_rank(group) -> Tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _scratch(z: torch.Tensor, rows: int) -> torch.Tensor:
+    """One fp32 chunk buffer reused across chunks (no allocation and page faults per chunk)."""
+    return torch.empty(min(rows, max(1, CHUNK_ELEMENTS // max(z.shape[1], 1))), z.shape[1],
+                       dtype=torch.float32, device=z.device)
+
+
 def _local_statistics(z: torch.Tensor, number_ids: torch.Tensor, target_local: torch.Tensor,
                       has_target: torch.Tensor):
     """One pass over this rank's logits: (lse of all, number-token logits fp32, label logit)."""
     rows = z.shape[0]
     lse = torch.empty(rows, dtype=torch.float32, device=z.device)
+    buf = _scratch(z, rows)
     for r0, r1 in _row_chunks(rows, z.shape[1]):
-        lse[r0:r1] = torch.logsumexp(z[r0:r1].float(), dim=-1)
+        chunk, b = z[r0:r1], buf[: r1 - r0]
+        top = chunk.amax(-1, keepdim=True).float()
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        torch.sub(chunk, top, out=b)  # promotes bf16/fp16 to fp32
+        lse[r0:r1] = torch.log(b.exp_().sum(-1)) + top.squeeze(-1)
     number_logits = z.index_select(1, number_ids).float()
     target = z.gather(1, target_local.unsqueeze(1)).squeeze(1).float()
     return lse, number_logits, torch.where(has_target, target, torch.zeros_like(target))
@@ -163,12 +174,11 @@ class VocabParallelCENTL(torch.autograd.Function):
 
         grad = torch.empty_like(z)
         rows_all = torch.arange(z.shape[0], device=z.device)
+        buf = None if z.dtype == torch.float32 else _scratch(z, z.shape[0])
         for r0, r1 in _row_chunks(z.shape[0], z.shape[1]):
             out = grad[r0:r1]
-            if z.dtype == torch.float32:
-                g = torch.sub(z[r0:r1], lse[r0:r1].unsqueeze(1), out=out)
-            else:
-                g = z[r0:r1].float().sub_(lse[r0:r1].unsqueeze(1))
+            g = torch.sub(z[r0:r1], lse[r0:r1].unsqueeze(1), out=out if buf is None else
+                          buf[: r1 - r0])
             g.exp_().mul_(full_coef[r0:r1].unsqueeze(1))
             g.index_add_(1, number_ids, number_extra[r0:r1])
             hit = in_shard[r0:r1]
