@@ -168,27 +168,41 @@ class VocabParallelCENTL(torch.autograd.Function):
 
         zn = z.index_select(1, number_ids).float()
         p = torch.exp(zn - nlse.unsqueeze(1))  # softmax over number tokens
-        number_extra = torch.exp(zn - lse.unsqueeze(1)) * g_mass_total.unsqueeze(1)
-        number_extra += p * (g_value.unsqueeze(1) * (number_values - yhat.unsqueeze(1)))
+        q_number = torch.exp(zn - lse.unsqueeze(1))  # full softmax at number tokens
+        number_grad = q_number * (full_coef + g_mass_total).unsqueeze(1)
+        number_grad += p * (g_value.unsqueeze(1) * (number_values - yhat.unsqueeze(1)))
         if spec.kind == "was":
             d = number_distance(number_values, y.unsqueeze(1), spec.squash)
-            number_extra += p * (g_distance.unsqueeze(1) * (d - base.unsqueeze(1)))
+            number_grad += p * (g_distance.unsqueeze(1) * (d - base.unsqueeze(1)))
+        # the label's column: its softmax term, minus g_ce, or its number-column value minus g_ce
+        column_to_number = torch.full((z.shape[1],), -1, dtype=torch.long, device=z.device)
+        column_to_number[number_ids] = torch.arange(number_ids.numel(), device=z.device)
+        label_number = column_to_number[target_local]
+        q_label = torch.exp(z.gather(1, target_local.unsqueeze(1)).squeeze(1).float() - lse)
+        label_grad = torch.where(
+            label_number >= 0,
+            number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
+            if number_ids.numel() else zero, q_label * full_coef) - g_ce
 
+        # every other column is q_k * full_coef = +-exp(z_k - lse + log|full_coef|): one
+        # subtraction and one exp per logit; exact fp32 values then overwrite the few others
+        shift = lse - torch.log(full_coef.abs())  # full_coef == 0 -> +inf -> exactly 0
+        sign = torch.where(full_coef < 0, -1.0, 1.0).to(z.dtype)
+        has_negative = (full_coef < 0).tolist()  # only reweigh / g_mass can make it negative
         grad = torch.empty_like(z)
-        rows_all = torch.arange(z.shape[0], device=z.device)
-        # fp32 logits: compute in the gradient itself; else in one reused fp32 chunk buffer
+        hit_rows = torch.nonzero(in_shard).squeeze(1)
         buf = None if z.dtype == torch.float32 else _scratch(z)
         for r0, r1 in _row_chunks(z.shape[0], z.shape[1]):
             out = grad[r0:r1]
-            g = torch.sub(z[r0:r1], lse[r0:r1].unsqueeze(1), out=out if buf is None else
-                          buf[: r1 - r0])
-            g.exp_().mul_(full_coef[r0:r1].unsqueeze(1))
-            g.index_add_(1, number_ids, number_extra[r0:r1])
-            hit = in_shard[r0:r1]
-            rows = rows_all[r0:r1][hit] - r0
-            g[rows, target_local[r0:r1][hit]] -= g_ce[r0:r1][hit]
-            if g is not out:
-                out.copy_(g)
+            if buf is None:  # fp32: compute in the gradient itself
+                torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=out).exp_()
+            else:  # fp32 in a cached scratch chunk, rounded once into the gradient's dtype
+                b = torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=buf[: r1 - r0])
+                torch.exp(b, out=out)
+            if any(has_negative[r0:r1]):
+                out.mul_(sign[r0:r1].unsqueeze(1))
+        grad.index_copy_(1, number_ids, number_grad.to(grad.dtype))
+        grad[hit_rows, target_local[hit_rows]] = label_grad[hit_rows].to(grad.dtype)
         return grad, None, None, None, None, None, None
 
 
