@@ -1,0 +1,1 @@
+"""Runtime patches (installed as ``ntl_deepspeed.patches``)."""
