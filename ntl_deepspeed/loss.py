@@ -30,6 +30,8 @@ class CENTLOutput:
     number_label_mask: torch.Tensor  # where the NTL applies
     valid_mask: torch.Tensor         # labels != ignore_index
     number_correct: torch.Tensor     # at number labels: the label is the most likely number token
+    label_value: torch.Tensor        # value of the label token (0 where it is not a number)
+    number_token_label: torch.Tensor # the label is a number token (whatever the NTL kind)
     ntl_count: torch.Tensor          # summed weights under the NTL (this call, not all-reduced)
     ce_count: torch.Tensor           # summed weights of valid tokens
 
@@ -87,8 +89,9 @@ def vocab_parallel_ce_ntl(logits: torch.Tensor, labels: torch.Tensor, number_voc
         ignore_index=config.ignore_index, check_finite=check_finite)
 
     valid = labels != config.ignore_index
-    is_number = valid & ~torch.isnan(number_vocab.values.to(labels.device)[
-        torch.where(valid, labels, 0).long()])
+    label_value = number_vocab.values.to(labels.device)[torch.where(valid, labels, 0).long()]
+    is_number = valid & ~torch.isnan(label_value)
+    label_value = torch.where(is_number, label_value, torch.zeros_like(label_value))
     ntl_mask = is_number
     if config.enabled and config.kind == "number_level":
         ntl, ntl_mask = _number_level(labels, number_vocab, config, yhat, mass, is_number)
@@ -114,4 +117,4 @@ def vocab_parallel_ce_ntl(logits: torch.Tensor, labels: torch.Tensor, number_voc
             total, dp_size = _global_count(ntl_count, dp_group)
             ntl_r = ntl_sum * dp_size / total.clamp_min(eps)
     return CENTLOutput(ce_r + weight * ntl_r, ce_r, ntl_r, ce, ntl, yhat, mass, ntl_mask, valid,
-                       correct, ntl_count, ce_count)
+                       correct, label_value, is_number, ntl_count, ce_count)

@@ -1,0 +1,63 @@
+"""Pretrain a Llama-style model from scratch with DeepSpeed ZeRO-3 and CE + lambda*NTL.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/zero3_cpu_tiny.json \
+        --model configs/model/llama_tiny.json
+
+The ds_config's ``"ntl"`` section configures the number token loss (see
+ntl_deepspeed/integrations/deepspeed_config.py). Layouts: data parallel only (full-vocab logits),
+or DeepSpeed AutoTP with ``"tensor_parallel": {"autotp_size": N, "vocab_parallel_lm_head":
+true}`` (vocab-sharded logits; our fused op replaces the model's loss function).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--deepspeed_config", required=True)
+    ap.add_argument("--model", required=True, help="model config JSON (transformers LlamaConfig)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer (.model / tokenizer.json / dir); default: train one on the corpus")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--corpus-sentences", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "pretrain"))
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end)")
+    ap.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoints")
+    ap.add_argument("--ntl-weight", type=float, default=None, help="override ntl.weight")
+    ap.add_argument("--mpi", action="store_true", help="discover ranks from MPI (mpirun)")
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    ap.add_argument("--no-plot", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from ntl_deepspeed.integrations.deepspeed_engine import Trainer
+
+    torch.manual_seed(args.seed)
+    trainer = Trainer.from_args(args)
+    code = 0
+    try:
+        trainer.train()
+    except BaseException:
+        code = 1
+        raise
+    finally:
+        trainer.shutdown(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Embedded training data: a seeded generated corpus of text with numbers and arithmetic."""

@@ -1,0 +1,229 @@
+"""DeepSpeed ZeRO-3 training of a Hugging Face causal LM with the fused CE+NTL loss."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..loss import CENTLOutput
+from ..numbers import NumberVocab
+from .deepspeed_config import NTLSection, split_ds_config
+from .hf_loss import make_causal_lm_loss
+from .metrics import StepMetrics, reduce_metrics
+
+REQUIRED_DEEPSPEED = "0.19.8"  # the vocab-parallel AutoTP head exists only there
+
+
+def skip_shm_comm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op (~45 s) at init on CPU; gloo needs none."""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def autotp_size(ds_config: dict) -> int:
+    return int((ds_config.get("tensor_parallel") or {}).get("autotp_size", 1) or 1)
+
+
+def check_deepspeed_for_autotp(ds_config: dict) -> None:
+    import deepspeed
+
+    tp = ds_config.get("tensor_parallel") or {}
+    if autotp_size(ds_config) > 1 and tp.get("vocab_parallel_lm_head") and \
+            deepspeed.__version__ != REQUIRED_DEEPSPEED:
+        raise RuntimeError(f"AutoTP with a vocab-parallel lm_head needs deepspeed=="
+                           f"{REQUIRED_DEEPSPEED}; installed: {deepspeed.__version__}")
+
+
+def pad_vocab(size: int, multiple: int) -> int:
+    return (size + multiple - 1) // multiple * multiple
+
+
+def token_blocks(tokenizer_path: str, n_sentences: int, seed: int, seq_len: int) -> torch.Tensor:
+    """The corpus as [n_blocks, seq_len + 1] token ids (sentences joined by EOS)."""
+    import sentencepiece as spm
+
+    from ..data.corpus import generate
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    ids: List[int] = []
+    for sentence in generate(n_sentences, seed):
+        ids.extend(sp.encode(sentence))
+        ids.append(sp.eos_id())
+    n = len(ids) // (seq_len + 1)
+    return torch.tensor(ids[: n * (seq_len + 1)]).view(n, seq_len + 1)
+
+
+@dataclass
+class Trainer:
+    args: object
+    engine: object
+    ds_config: dict
+    ntl: NTLSection
+    vocab: NumberVocab
+    blocks: torch.Tensor
+    dp_group: object
+    dp_rank: int
+    dp_size: int
+    tp_size: int
+    hf_ds_config: object = None
+    captured: List[CENTLOutput] = field(default_factory=list)
+    history: List[Dict[str, float]] = field(default_factory=list)
+    start_step: int = 0
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def from_args(cls, args) -> "Trainer":
+        import deepspeed
+        from deepspeed.utils import groups
+        from transformers import AutoModelForCausalLM, LlamaConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        with open(args.deepspeed_config) as f:
+            ds_config, ntl = split_ds_config(json.load(f))
+        if args.ntl_weight is not None:
+            ntl = ntl.model_copy(update={"weight": args.ntl_weight})
+            NTLSection(**ntl.model_dump())  # re-validate
+        check_deepspeed_for_autotp(ds_config)
+        skip_shm_comm_build()
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else
+                                   "nccl", auto_mpi_discovery=args.mpi)
+        tp = autotp_size(ds_config)
+
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            from ..data.tokenizer import train_tokenizer
+
+            if dist.get_rank() == 0:
+                train_tokenizer(seed=args.seed)
+            dist.barrier()
+            tokenizer = train_tokenizer(seed=args.seed)
+        with open(args.model) as f:
+            model_cfg = json.load(f)
+        probe = NumberVocab.from_tokenizer(tokenizer, mode=ntl.mode)
+        model_cfg["vocab_size"] = pad_vocab(probe.tokenizer_size, 8 * tp)
+        vocab = NumberVocab.from_tokenizer(tokenizer, mode=ntl.mode,
+                                           vocab_size=model_cfg["vocab_size"])
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # keeps zero.Init + HF init; keep it alive
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**model_cfg))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=ds_config)
+        if tp > 1:
+            tp_group = groups.get_tensor_model_parallel_group()
+            dp_group = groups.get_data_parallel_group()
+            head = engine.module.lm_head
+            start = getattr(head, "vocab_start_index", None)
+            if start is None:
+                raise RuntimeError("AutoTP did not make lm_head vocab-parallel: set "
+                                   '"tensor_parallel": {"vocab_parallel_lm_head": true}')
+        else:
+            tp_group, dp_group, start = None, dist.group.WORLD, None
+        trainer = cls(args, engine, ds_config, ntl, vocab, None, dp_group,
+                      dist.get_rank(dp_group), dist.get_world_size(dp_group), tp, hf_ds_config)
+        engine.module.loss_function = make_causal_lm_loss(
+            vocab, ntl.to_ntl_config(), tp_group=tp_group, vocab_start_index=start,
+            dp_group=dp_group, on_output=trainer.captured.append, check_finite=ntl.check_finite)
+        trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
+        if args.resume:
+            trainer.load()
+        elif dist.get_rank() == 0 and os.path.exists(trainer.metrics_path()):
+            os.remove(trainer.metrics_path())  # a fresh run starts a fresh log
+        return trainer
+
+    def metrics_path(self) -> str:
+        return os.path.join(self.args.output_dir, "metrics.jsonl")
+
+    # ------------------------------------------------------------------ data
+    def batch(self, step: int) -> torch.Tensor:
+        """This DP rank's micro-batch of a step: deterministic, identical on its TP ranks."""
+        mb = self.engine.train_micro_batch_size_per_gpu()
+        first = (step * self.dp_size + self.dp_rank) * mb
+        idx = torch.arange(first, first + mb) % self.blocks.shape[0]
+        return self.blocks[idx]
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        rank0 = dist.get_rank() == 0
+        steps = self.args.steps
+        bar = tqdm(total=steps, initial=self.start_step, disable=not rank0, desc="pretrain",
+                   dynamic_ncols=True, file=sys.stdout)
+        for step in range(self.start_step, steps):
+            t0 = time.perf_counter()
+            ids = self.batch(step)
+            self.captured.clear()
+            loss = self.engine(input_ids=ids, labels=ids).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            seconds = time.perf_counter() - t0
+            metrics = reduce_metrics(StepMetrics.from_output(self.captured[-1]),
+                                     self.dp_group, seconds)
+            row = {"step": step, "loss": loss.item(), **metrics}
+            self.history.append(row)
+            self.log(row)
+            bar.set_postfix(ce=f"{row['ce']:.3f}", ntl=f"{row['ntl']:.3f}",
+                            mae=f"{row['number_mae']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self.args.save_every and (step + 1) % self.args.save_every == 0:
+                self.save(step + 1)
+        bar.close()
+        self.save(steps)
+        if rank0:
+            self.summary()
+
+    def log(self, row: Dict[str, float]) -> None:
+        step = row["step"] + 1
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([(f"Train/ntl/{k}", v, step) for k, v in row.items()
+                                              if k != "step"])
+        if dist.get_rank() == 0:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(self.metrics_path(), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.args.output_dir, "checkpoints")
+
+    def save(self, step: int) -> None:
+        self.engine.save_checkpoint(self.checkpoint_dir(), tag=f"step{step}",
+                                    client_state={"step": step})
+
+    def load(self) -> None:
+        path, state = self.engine.load_checkpoint(self.checkpoint_dir())
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.checkpoint_dir()}")
+        self.start_step = int(state["step"])
+
+    # ------------------------------------------------------------------ end
+    def summary(self) -> None:
+        from .report import plot_curves, summary_table
+
+        print(summary_table(self.history), flush=True)
+        if not self.args.no_plot and self.history:
+            path = plot_curves(self.history, os.path.join(self.args.output_dir, "curves.png"))
+            print(f"curves: {path}", flush=True)
+
+    def shutdown(self, code: int = 0) -> None:
+        """End the worker cleanly: gloo can abort at interpreter exit after all work is done."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == 0:
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+            if "mpi4py" in sys.modules:
+                from mpi4py import MPI
+
+                if MPI.Is_initialized() and not MPI.Is_finalized():
+                    MPI.Finalize()
+            os._exit(0)

@@ -1,0 +1,45 @@
+"""Make a Hugging Face causal LM compute CE + lambda*NTL with the fused op.
+
+Works for full-vocab logits (``tp_group=None``) and for DeepSpeed AutoTP's vocab-parallel head
+(per-rank ``[B, S, V/tp]`` logits; pass the TP group and the head's ``vocab_start_index``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import NTLConfig
+from ..loss import CENTLOutput, vocab_parallel_ce_ntl
+from ..numbers import NumberVocab
+
+
+def make_causal_lm_loss(vocab: NumberVocab, config: NTLConfig, tp_group=None,
+                        vocab_start_index: Optional[int] = None, dp_group=None,
+                        on_output: Optional[Callable[[CENTLOutput], None]] = None,
+                        check_finite: bool = False):
+    """A drop-in for ``model.loss_function`` (transformers' ``ForCausalLMLoss`` signature).
+
+    Labels are shifted here as HF does (unless ``shift_labels`` is given). The loss is the mean
+    over this micro-batch's valid tokens (``num_items_in_batch`` is not used: DeepSpeed scales
+    gradient accumulation itself). ``on_output`` receives the full :class:`CENTLOutput`.
+    """
+
+    def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int = None,
+                      num_items_in_batch=None, ignore_index: int = -100,
+                      shift_labels: Optional[torch.Tensor] = None, **_):
+        if ignore_index != config.ignore_index:
+            raise ValueError(f"the model asks for ignore_index={ignore_index}, the NTL config "
+                             f"has {config.ignore_index}")
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        out = vocab_parallel_ce_ntl(logits, shift_labels.to(logits.device), vocab, tp_group,
+                                    config, vocab_start_index=vocab_start_index,
+                                    dp_group=dp_group, check_finite=check_finite)
+        if on_output is not None:
+            on_output(out)
+        return out.loss
+
+    loss_function.ntl_config = config
+    return loss_function
