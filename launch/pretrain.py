@@ -34,6 +34,8 @@ def parse_args(argv=None):
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end)")
     ap.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoints")
     ap.add_argument("--ntl-weight", type=float, default=None, help="override ntl.weight")
+    ap.add_argument("--plain-ce", action="store_true",
+                    help="keep the model's own CE loss (no NTL): the baseline to compare with")
     ap.add_argument("--mpi", action="store_true", help="discover ranks from MPI (mpirun)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     ap.add_argument("--no-plot", action="store_true")

@@ -61,6 +61,13 @@ def token_blocks(tokenizer_path: str, n_sentences: int, seed: int, seq_len: int)
     return torch.tensor(ids[: n * (seq_len + 1)]).view(n, seq_len + 1)
 
 
+def _debug_exit(step: int) -> None:
+    """Test hook: NTL_DEBUG_EXIT="rank:step" makes that rank die abruptly at that step."""
+    spec = os.environ.get("NTL_DEBUG_EXIT")
+    if spec and tuple(map(int, spec.split(":"))) == (dist.get_rank(), step):
+        os._exit(3)
+
+
 @dataclass
 class Trainer:
     args: object
@@ -128,9 +135,11 @@ class Trainer:
             tp_group, dp_group, start = None, dist.group.WORLD, None
         trainer = cls(args, engine, ds_config, ntl, vocab, None, dp_group,
                       dist.get_rank(dp_group), dist.get_world_size(dp_group), tp, hf_ds_config)
-        engine.module.loss_function = make_causal_lm_loss(
-            vocab, ntl.to_ntl_config(), tp_group=tp_group, vocab_start_index=start,
-            dp_group=dp_group, on_output=trainer.captured.append, check_finite=ntl.check_finite)
+        if not args.plain_ce:  # --plain-ce keeps the model's own loss (for comparisons)
+            engine.module.loss_function = make_causal_lm_loss(
+                vocab, ntl.to_ntl_config(), tp_group=tp_group, vocab_start_index=start,
+                dp_group=dp_group, on_output=trainer.captured.append,
+                check_finite=ntl.check_finite)
         trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
         if args.resume:
             trainer.load()
@@ -165,13 +174,14 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             seconds = time.perf_counter() - t0
-            metrics = reduce_metrics(StepMetrics.from_output(self.captured[-1]),
-                                     self.dp_group, seconds)
-            row = {"step": step, "loss": loss.item(), **metrics}
+            _debug_exit(step)
+            step_metrics = StepMetrics.from_output(self.captured[-1]) if self.captured else None
+            row = {"step": step, **reduce_metrics(loss.detach(), step_metrics, self.dp_group,
+                                                  seconds, ids.numel())}
             self.history.append(row)
             self.log(row)
-            bar.set_postfix(ce=f"{row['ce']:.3f}", ntl=f"{row['ntl']:.3f}",
-                            mae=f"{row['number_mae']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("ce", "ntl", "number_mae",
+                                                          "tokens_per_s") if k in row})
             bar.update(1)
             if self.args.save_every and (step + 1) % self.args.save_every == 0:
                 self.save(step + 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,14 +32,24 @@ class StepMetrics:
                        float((out.number_correct & numbers).sum()), float(abs_err))
 
 
-def reduce_metrics(m: StepMetrics, dp_group, seconds: float) -> dict:
-    """Global CE, NTL, number accuracy / MAE and tokens/s over the DP group."""
-    t = torch.tensor([m.ce_sum, m.ntl_sum, m.valid_tokens, m.number_labels, m.number_correct,
-                      m.number_abs_error], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+def reduce_metrics(loss: torch.Tensor, m: Optional[StepMetrics], dp_group, seconds: float,
+                   input_tokens: int) -> dict:
+    """Loss (DP mean), global CE, NTL, number accuracy / MAE and tokens/s over the DP group.
+    Without NTL metrics (``m`` None: the model's own loss) only loss and tokens/s."""
+    vals = [float(loss), float(input_tokens)] + ([] if m is None else [
+        m.ce_sum, m.ntl_sum, m.valid_tokens, m.number_labels, m.number_correct,
+        m.number_abs_error])
+    t = torch.tensor(vals, dtype=torch.float64)
+    dp = dist.get_world_size(dp_group) if dist.is_initialized() else 1
+    if dp > 1:
         dist.all_reduce(t, group=dp_group)
-    ce, ntl, tokens, numbers, correct, abs_err = t.tolist()
+    out = {"loss": t[0].item() / dp, "tokens_per_s": t[1].item() / max(seconds, 1e-9)}
+    if m is None:
+        out["ce"] = out["loss"]
+        return out
+    ce, ntl, tokens, numbers, correct, abs_err = t[2:].tolist()
     # ntl: per number label (for number_level, the per-number sum over digit labels)
-    return {"ce": ce / max(tokens, 1), "ntl": ntl / max(numbers, 1),
-            "number_accuracy": correct / max(numbers, 1), "number_mae": abs_err / max(numbers, 1),
-            "tokens_per_s": tokens / max(seconds, 1e-9)}
+    out.update({"ce": ce / max(tokens, 1), "ntl": ntl / max(numbers, 1),
+                "number_accuracy": correct / max(numbers, 1),
+                "number_mae": abs_err / max(numbers, 1)})
+    return out

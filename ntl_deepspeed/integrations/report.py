@@ -10,13 +10,14 @@ def summary_table(history: List[Dict[str, float]]) -> str:
     """First step, last step and the mean of the last 10 % of steps, as a markdown table."""
     if not history:
         return "(no steps run)"
+    columns = [k for k in COLUMNS if k in history[0]]
     tail = history[-max(1, len(history) // 10):]
     rows = [("first step", history[0]), ("last step", history[-1]),
             (f"mean of last {len(tail)}", {k: sum(r[k] for r in tail) / len(tail)
-                                           for k in COLUMNS})]
-    lines = ["| | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+                                           for k in columns})]
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" for k in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" for k in columns) + " |")
     return "\n".join(lines)
 
 
@@ -30,7 +31,7 @@ def plot_curves(history: List[Dict[str, float]], path: str) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, keys, title in ((axes[0], ("ce", "loss"), "loss"), (axes[1], ("ntl",), "NTL"),
                             (axes[2], ("number_mae",), "|y-hat - y| on number labels")):
-        for k in keys:
+        for k in (k for k in keys if k in history[0]):
             ax.plot(steps, [r[k] for r in history], label=k)
         ax.set_title(title)
         ax.set_xlabel("step")
