@@ -26,7 +26,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", required=True, help="model config JSON (transformers LlamaConfig)")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer (.model / tokenizer.json / dir); default: train one on the corpus")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--corpus-sentences", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=1234)

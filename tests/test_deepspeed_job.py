@@ -1,0 +1,127 @@
+"""End-to-end DeepSpeed ZeRO-3 runs of launch/pretrain.py on 2 CPU ranks (a few steps each)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dist_utils import free_port
+from ntl_deepspeed.integrations.deepspeed_config import parse_ntl_section
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "zero3_cpu_tiny.json")
+AUTOTP = os.path.join(ROOT, "configs", "zero3_cpu_autotp2.json")
+MODEL = os.path.join(ROOT, "configs", "model", "llama_tiny.json")
+
+
+def env():
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+             PYTHONPATH=ROOT)
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    return e
+
+
+def launch(out_dir, *extra, config=TINY, timeout=240, extra_env=None, check=True):
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
+           config, "--model", MODEL, "--output-dir", str(out_dir), "--no-plot", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def column(rows, key):
+    return [r[key] for r in rows]
+
+
+def test_dp2_and_autotp2_same_losses_and_loss_decreases(tmp_path):
+    launch(tmp_path / "dp", "--steps", "12")
+    launch(tmp_path / "tp", "--steps", "12", config=AUTOTP)  # micro-batch 16 = DP 2 x 8
+    dp, tp = metrics(tmp_path / "dp"), metrics(tmp_path / "tp")
+    assert len(dp) == len(tp) == 12
+    for key in ("ce", "ntl", "number_mae"):
+        assert column(dp, key) == pytest.approx(column(tp, key), rel=2e-4), key
+    assert dp[-1]["loss"] < 0.8 * dp[0]["loss"]
+    assert os.path.exists(tmp_path / "dp" / "checkpoints" / "latest")
+
+
+def test_weight_zero_is_plain_cross_entropy_training(tmp_path):
+    launch(tmp_path / "zero", "--steps", "8", "--ntl-weight", "0")
+    launch(tmp_path / "plain", "--steps", "8", "--plain-ce")
+    assert column(metrics(tmp_path / "zero"), "loss") == pytest.approx(
+        column(metrics(tmp_path / "plain"), "loss"), rel=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    launch(tmp_path / "full", "--steps", "10")
+    launch(tmp_path / "part", "--steps", "5")
+    launch(tmp_path / "part", "--steps", "10", "--resume")
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert column(resumed, "step") == list(range(10))
+    assert column(resumed, "loss") == pytest.approx(column(full, "loss"), rel=1e-6)
+
+
+def test_dead_worker_fails_the_launch_quickly(tmp_path):
+    t0 = time.monotonic()
+    proc = launch(tmp_path / "dead", "--steps", "50", extra_env={"NTL_DEBUG_EXIT": "1:2"},
+                  check=False, timeout=180)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"weight": -1}, "ntl.weight"),
+    ({"kind": "rmse"}, "ntl.kind"),
+    ({"lambda": 0.3}, "ntl.lambda"),
+    ({"squash_factor": 0.5}, "ntl.squash_factor"),
+    ({"kind": "mse", "squash_factor": 3}, "squash_factor applies to kind 'was' only"),
+    ({"mode": "roman"}, "ntl.mode"),
+])
+def test_bad_ntl_section_names_the_key(section, message):
+    with pytest.raises(ValueError, match=message):
+        parse_ntl_section({"ntl": section})
+
+
+def test_bad_ntl_section_stops_the_launch(tmp_path):
+    with open(TINY) as f:
+        cfg = json.load(f)
+    cfg["ntl"]["weight"] = "heavy"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(cfg))
+    proc = launch(tmp_path / "bad", "--steps", "2", config=str(bad), check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "ntl.weight" in proc.stdout + proc.stderr
+
+
+def test_mpirun_and_hostfile_launchers_agree(tmp_path):
+    if shutil.which("mpirun") is None:
+        pytest.fail("mpirun not installed (launch/setup_env.sh installs openmpi-bin)")
+    e = {**env(), "NP": "2", "MASTER_PORT": str(free_port())}
+    subprocess.run(["bash", os.path.join(ROOT, "launch", "run_mpi.sh"), "--steps", "4",
+                    "--output-dir", str(tmp_path / "mpi"), "--no-plot"], cwd=ROOT, env=e,
+                   check=True, capture_output=True, timeout=240)
+    port = str(free_port())
+    nodes = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "run_multinode.sh"),
+                               "--steps", "4", "--output-dir", str(tmp_path / "mn"), "--no-plot"],
+                              cwd=ROOT, env={**env(), "HOSTFILE": os.path.join(
+                                  ROOT, "launch", "hostfile.example"), "NODE_RANK": str(r),
+                                  "MASTER_PORT": port}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for r in (1, 0)]
+    try:
+        assert [p.wait(timeout=240) for p in nodes] == [0, 0]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert column(metrics(tmp_path / "mpi"), "loss") == pytest.approx(
+        column(metrics(tmp_path / "mn"), "loss"), rel=1e-6)
