@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..config import NTLConfig
 from ..loss import CENTLOutput, vocab_parallel_ce_ntl
 from ..numbers import NumberVocab
+from .flops import record_ce_ntl_flops
 
 
 def make_causal_lm_loss(vocab: NumberVocab, config: NTLConfig, tp_group=None,
@@ -26,6 +27,10 @@ def make_causal_lm_loss(vocab: NumberVocab, config: NTLConfig, tp_group=None,
     gradient accumulation itself). ``on_output`` receives the full :class:`CENTLOutput`.
     """
 
+    def local_numbers(width: int) -> int:
+        start = vocab_start_index or 0
+        return vocab.shard(start=start, end=min(start + width, vocab.vocab_size)).number_ids.numel()
+
     def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int = None,
                       num_items_in_batch=None, ignore_index: int = -100,
                       shift_labels: Optional[torch.Tensor] = None, **_):
@@ -37,6 +42,8 @@ def make_causal_lm_loss(vocab: NumberVocab, config: NTLConfig, tp_group=None,
         out = vocab_parallel_ce_ntl(logits, shift_labels.to(logits.device), vocab, tp_group,
                                     config, vocab_start_index=vocab_start_index,
                                     dp_group=dp_group, check_finite=check_finite)
+        record_ce_ntl_flops(shift_labels.numel(), logits.shape[-1],
+                            local_numbers(logits.shape[-1]))
         if on_output is not None:
             on_output(out)
         return out.loss

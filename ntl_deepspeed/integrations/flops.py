@@ -1,0 +1,28 @@
+"""Book the fused CE+NTL op's work into DeepSpeed's flops profiler.
+
+The profiler counts patched ``torch.nn.functional`` calls and misses our op (``torch.*`` calls
+inside an autograd Function). When a profile is running, :func:`record_ce_ntl_flops` appends the
+op's forward flops to the innermost module being profiled (the causal LM whose forward calls the
+loss); like every entry there, the profiler reports backward as 2x forward. Uses the profiler's
+module-level ``module_flop_count`` (internal API of deepspeed 0.19.x).
+"""
+from __future__ import annotations
+
+import sys
+
+FLOPS_PER_LOGIT = 4          # max, subtract, exp, sum (forward)
+FLOPS_PER_NUMBER_LOGIT = 12  # number-token softmax, value / distance sums, loss
+
+
+def ce_ntl_forward_flops(tokens: int, vocab_local: int, numbers_local: int) -> int:
+    return FLOPS_PER_LOGIT * tokens * vocab_local + FLOPS_PER_NUMBER_LOGIT * tokens * numbers_local
+
+
+def record_ce_ntl_flops(tokens: int, vocab_local: int, numbers_local: int) -> int:
+    """Add the op's flops to a running DeepSpeed flops profile; returns what was added."""
+    profiler = sys.modules.get("deepspeed.profiling.flops_profiler.profiler")
+    if profiler is None or not profiler.module_flop_count:
+        return 0
+    flops = ce_ntl_forward_flops(tokens, vocab_local, numbers_local)
+    profiler.module_flop_count[-1].append(("ntl_deepspeed.vocab_parallel_ce_ntl", flops))
+    return flops
