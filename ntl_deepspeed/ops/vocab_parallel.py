@@ -118,8 +118,9 @@ class VocabParallelCENTL(torch.autograd.Function):
         big_lse, big_nlse, nmax = maxed[:rows], maxed[rows:2 * rows], maxed[2 * rows:3 * rows]
 
         e = torch.exp(zn - big_nlse.unsqueeze(1))  # [T, N_local]
+        # (e * v).sum, not e @ v: DeepSpeed's flops profiler over-counts matrix-vector products
         summed = torch.stack([
-            torch.exp(lse_local - big_lse), target, e.sum(-1), (e * number_values).sum(-1),  # no matmul: the flops profiler over-counts matrix-vector products
+            torch.exp(lse_local - big_lse), target, e.sum(-1), (e * number_values).sum(-1),
             (e * number_distance(number_values, y.unsqueeze(1), spec.squash)).sum(-1)
             if spec.kind == "was" else torch.zeros_like(target)])
         if size > 1:
