@@ -14,6 +14,7 @@ from ntl_deepspeed.integrations.deepspeed_config import parse_ntl_section
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "zero3_cpu_tiny.json")
 AUTOTP = os.path.join(ROOT, "configs", "zero3_cpu_autotp2.json")
+AUTOTP_DP = os.path.join(ROOT, "configs", "zero3_cpu_autotp2_dp2.json")
 MODEL = os.path.join(ROOT, "configs", "model", "llama_tiny.json")
 
 
@@ -24,8 +25,8 @@ def env():
     return e
 
 
-def launch(out_dir, *extra, config=TINY, timeout=240, extra_env=None, check=True):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+def launch(out_dir, *extra, config=TINY, timeout=240, extra_env=None, check=True, ranks=2):
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
            str(free_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
            config, "--model", MODEL, "--output-dir", str(out_dir), "--no-plot", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True,
@@ -54,6 +55,14 @@ def test_dp2_and_autotp2_same_losses_and_loss_decreases(tmp_path):
         assert column(dp, key) == pytest.approx(column(tp, key), rel=2e-4), key
     assert dp[-1]["loss"] < 0.8 * dp[0]["loss"]
     assert os.path.exists(tmp_path / "dp" / "checkpoints" / "latest")
+
+
+def test_autotp2_x_dp2_matches_dp2(tmp_path):
+    launch(tmp_path / "dp", "--steps", "4")
+    launch(tmp_path / "tpdp", "--steps", "4", config=AUTOTP_DP, ranks=4)
+    for key in ("loss", "ce", "ntl"):
+        assert column(metrics(tmp_path / "dp"), key) == pytest.approx(
+            column(metrics(tmp_path / "tpdp"), key), rel=2e-4), key
 
 
 def test_weight_zero_is_plain_cross_entropy_training(tmp_path):
