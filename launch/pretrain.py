@@ -39,6 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--mpi", action="store_true", help="discover ranks from MPI (mpirun)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-save", action="store_true", help="skip the final checkpoint")
     return ap.parse_args(argv)
 
 

@@ -176,8 +176,9 @@ class Trainer:
             seconds = time.perf_counter() - t0
             _debug_exit(step)
             step_metrics = StepMetrics.from_output(self.captured[-1]) if self.captured else None
-            row = {"step": step, **reduce_metrics(loss.detach(), step_metrics, self.dp_group,
-                                                  seconds, ids.numel())}
+            row = {"step": step, "step_s": seconds,
+                   **reduce_metrics(loss.detach(), step_metrics, self.dp_group, seconds,
+                                    ids.numel())}
             self.history.append(row)
             self.log(row)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("ce", "ntl", "number_mae",
@@ -186,9 +187,26 @@ class Trainer:
             if self.args.save_every and (step + 1) % self.args.save_every == 0:
                 self.save(step + 1)
         bar.close()
-        self.save(steps)
+        if not self.args.no_save:
+            self.save(steps)
+        self.write_run_info()
         if rank0:
             self.summary()
+
+    def write_run_info(self) -> None:
+        """Parameters and peak resident memory per rank (max and sum over ranks)."""
+        import resource
+
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0] * 2)
+        dist.all_reduce(rss[:1], op=dist.ReduceOp.MAX)
+        dist.all_reduce(rss[1:], op=dist.ReduceOp.SUM)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        if dist.get_rank() == 0:
+            info = {"parameters": params, "world_size": dist.get_world_size(),
+                    "tp_size": self.tp_size, "peak_rss_mb_max_rank": rss[0].item(),
+                    "peak_rss_mb_sum": rss[1].item()}
+            with open(os.path.join(self.args.output_dir, "run_info.json"), "w") as f:
+                json.dump(info, f, indent=2)
 
     def log(self, row: Dict[str, float]) -> None:
         step = row["step"] + 1

@@ -1,0 +1,42 @@
+"""Run launch/pretrain.py under the deepspeed launcher and read back its metrics."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mistral_tokenizer() -> str:
+    import mistral_common
+
+    return glob.glob(os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                                  "tokenizer.model.v1"))[0]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pretrain(out_dir: str, config: str, model: str, *extra: str, ranks: int = 2,
+                 timeout: float = 1800) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=ROOT)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
+           str(_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
+           config, "--model", model, "--output-dir", out_dir, "--no-plot", "--no-save", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    with open(os.path.join(out_dir, "run_info.json")) as f:
+        info = json.load(f)
+    return {"rows": rows, "info": info}
