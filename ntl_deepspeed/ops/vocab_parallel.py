@@ -77,6 +77,113 @@ def _local_statistics(z: torch.Tensor, number_ids: torch.Tensor, target_local: t
     return lse, number_logits, torch.where(has_target, target, torch.zeros_like(target))
 
 
+@dataclass
+class RowLabels:
+    """What each token's label means for this shard."""
+
+    valid: torch.Tensor         # label != ignore_index
+    in_shard: torch.Tensor      # the label's column is on this rank
+    target_local: torch.Tensor  # that column (0 where not in_shard)
+    is_number: torch.Tensor     # the label is a number token
+    y: torch.Tensor             # its value (0 elsewhere)
+
+
+def label_rows(labels1d: torch.Tensor, values: torch.Tensor, spec: OpSpec, width: int):
+    valid = labels1d != spec.ignore_index
+    in_shard = (valid & (labels1d >= spec.vocab_start)
+                & (labels1d < min(spec.vocab_end, spec.vocab_start + width)))
+    label_value = values[torch.where(valid, labels1d, 0)]
+    is_number = valid & ~torch.isnan(label_value)
+    return RowLabels(valid, in_shard, torch.where(in_shard, labels1d - spec.vocab_start, 0),
+                     is_number, torch.where(is_number, label_value, torch.zeros_like(label_value)))
+
+
+def combine_statistics(lse_local, zn, target, rows: RowLabels, number_values, spec: OpSpec,
+                       group, nonfinite: float, vocab_size: int):
+    """The two collectives and the per-token results, from this rank's local statistics:
+    ``lse_local`` [T] (log-sum-exp of its logits), ``zn`` [T, N_local] (its number-token
+    logits, fp32), ``target`` [T] (the label's logit where it is on this rank, else 0).
+    Returns (outputs (ce, ntl, y-hat, mass, correct), row statistics for the backward)."""
+    n = lse_local.shape[0]
+    size, rank = _group_size_rank(group)
+    ninf = torch.full((n,), float("-inf"), device=lse_local.device)
+    nlse_local = torch.logsumexp(zn, -1) if zn.shape[1] else ninf
+    nmax_local = zn.max(-1).values if zn.shape[1] else ninf
+
+    header = torch.full((size, _HEADER_SLOTS), -1.0, device=lse_local.device)
+    header[rank, 0], header[rank, 1] = spec.vocab_start, spec.vocab_end
+    header[rank, 2] = min(nonfinite, _FP32_EXACT)
+    header[rank, 3] = 0.0 if spec.shard_ok else _ERR_WIDTH
+    maxed = torch.cat([lse_local, nlse_local, nmax_local, header.reshape(-1)])
+    if size > 1:
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
+    _raise_on_bad_header(maxed[3 * n:].view(size, _HEADER_SLOTS), spec, vocab_size)
+    big_lse, big_nlse, nmax = maxed[:n], maxed[n:2 * n], maxed[2 * n:3 * n]
+
+    e = torch.exp(zn - big_nlse.unsqueeze(1))  # [T, N_local]
+    # (e * v).sum, not e @ v: DeepSpeed's flops profiler over-counts matrix-vector products
+    summed = torch.stack([
+        torch.exp(lse_local - big_lse), target, e.sum(-1), (e * number_values).sum(-1),
+        (e * number_distance(number_values, rows.y.unsqueeze(1), spec.squash)).sum(-1)
+        if spec.kind == "was" else torch.zeros_like(target)])
+    if size > 1:
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    exp_sum, target_all, number_sum, value_sum, distance_sum = summed.unbind(0)
+
+    lse = big_lse + torch.log(exp_sum)
+    ce = torch.where(rows.valid, lse - target_all, torch.zeros_like(lse))
+    nlse = big_nlse + torch.log(number_sum)
+    yhat = value_sum / number_sum
+    mass = torch.exp(nlse - lse)
+    if spec.kind == "was":
+        base = distance_sum / number_sum
+    elif spec.kind == "none":
+        base = torch.zeros_like(yhat)
+    else:
+        base = dot_product_loss(spec.kind, yhat, rows.y)
+    ntl = mass * base + REWEIGH_MARGIN * spec.max_distance * (1 - mass) if spec.reweigh else base
+    ntl = torch.where(rows.is_number, ntl, torch.zeros_like(ntl))
+    correct = rows.is_number & (target_all >= nmax)
+    return (ce, ntl, yhat, mass, correct), (lse, nlse, yhat, base, mass)
+
+
+@dataclass
+class GradientTerms:
+    """d loss / d logits = sign * exp(z - shift) on every column, except the number-token
+    columns (``number_grad`` [T, N_local]) and the label's column (``label_grad``)."""
+
+    shift: torch.Tensor
+    negative: torch.Tensor       # rows whose common coefficient is negative
+    full_coef: torch.Tensor      # that coefficient (times the softmax)
+    number_grad: torch.Tensor
+    g_ce: torch.Tensor           # label column = its value above minus g_ce
+
+
+def gradient_terms(grads, zn, rows: RowLabels, number_values, stats, spec: OpSpec):
+    lse, nlse, yhat, base, mass = stats
+    zero = torch.zeros_like(lse)
+    g_ce, g_ntl, g_yhat, g_mass = (zero if g is None else g.float() for g in grads)
+    g_ntl = torch.where(rows.is_number, g_ntl, zero)
+    g_ce = torch.where(rows.valid, g_ce, zero)
+    # l = m * base + c (1 - m) when reweighing: dl = m dbase + (base - c) dm
+    base_scale = mass if spec.reweigh else torch.ones_like(mass)
+    g_mass_total = g_mass + (g_ntl * (base - REWEIGH_MARGIN * spec.max_distance)
+                             if spec.reweigh else zero)
+    full_coef = g_ce - g_mass_total * mass  # times softmax q_k on every column
+    g_value = g_yhat + (g_ntl * base_scale * dot_product_loss_grad(spec.kind, yhat, rows.y)
+                        if spec.kind not in ("was", "none") else zero)
+
+    p = torch.exp(zn - nlse.unsqueeze(1))  # softmax over number tokens
+    number_grad = torch.exp(zn - lse.unsqueeze(1)) * (full_coef + g_mass_total).unsqueeze(1)
+    number_grad += p * (g_value.unsqueeze(1) * (number_values - yhat.unsqueeze(1)))
+    if spec.kind == "was":
+        d = number_distance(number_values, rows.y.unsqueeze(1), spec.squash)
+        number_grad += p * ((g_ntl * base_scale).unsqueeze(1) * (d - base.unsqueeze(1)))
+    # q_k * full_coef = +-exp(z_k - lse + log|full_coef|); full_coef == 0 -> shift +inf -> 0
+    shift = lse - torch.log(full_coef.abs())
+    return GradientTerms(shift, full_coef < 0, full_coef, number_grad, g_ce)
+
+
 class VocabParallelCENTL(torch.autograd.Function):
     """Per-token CE, NTL, expected value y-hat and number-token mass from a vocab shard.
 
@@ -91,105 +198,41 @@ class VocabParallelCENTL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits2d, labels1d, values, number_ids, number_values, spec: OpSpec, group):
-        rows, width = logits2d.shape
-        size, rank = _group_size_rank(group)
-        valid = labels1d != spec.ignore_index
-        in_shard = (valid & (labels1d >= spec.vocab_start)
-                    & (labels1d < min(spec.vocab_end, spec.vocab_start + width)))
-        target_local = torch.where(in_shard, labels1d - spec.vocab_start, 0)
-        label_value = values[torch.where(valid, labels1d, 0)]
-        is_number = valid & ~torch.isnan(label_value)
-        y = torch.where(is_number, label_value, torch.zeros_like(label_value))
-
-        lse_local, zn, target = _local_statistics(logits2d, number_ids, target_local, in_shard)
-        ninf = torch.full((rows,), float("-inf"), device=logits2d.device)
-        nlse_local = torch.logsumexp(zn, -1) if zn.shape[1] else ninf
-        nmax_local = zn.max(-1).values if zn.shape[1] else ninf
-
-        header = torch.full((size, _HEADER_SLOTS), -1.0, device=logits2d.device)
-        header[rank, 0], header[rank, 1] = spec.vocab_start, spec.vocab_end
-        header[rank, 2] = (min(float((~torch.isfinite(logits2d)).sum()), _FP32_EXACT)
-                           if spec.check_finite else 0.0)
-        header[rank, 3] = 0.0 if spec.shard_ok else _ERR_WIDTH
-        maxed = torch.cat([lse_local, nlse_local, nmax_local, header.reshape(-1)])
-        if size > 1:
-            dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
-        _raise_on_bad_header(maxed[3 * rows:].view(size, _HEADER_SLOTS), spec, values.numel())
-        big_lse, big_nlse, nmax = maxed[:rows], maxed[rows:2 * rows], maxed[2 * rows:3 * rows]
-
-        e = torch.exp(zn - big_nlse.unsqueeze(1))  # [T, N_local]
-        # (e * v).sum, not e @ v: DeepSpeed's flops profiler over-counts matrix-vector products
-        summed = torch.stack([
-            torch.exp(lse_local - big_lse), target, e.sum(-1), (e * number_values).sum(-1),
-            (e * number_distance(number_values, y.unsqueeze(1), spec.squash)).sum(-1)
-            if spec.kind == "was" else torch.zeros_like(target)])
-        if size > 1:
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-        exp_sum, target, number_sum, value_sum, distance_sum = summed.unbind(0)
-
-        lse = big_lse + torch.log(exp_sum)
-        ce = torch.where(valid, lse - target, torch.zeros_like(lse))
-        nlse = big_nlse + torch.log(number_sum)
-        yhat = value_sum / number_sum
-        mass = torch.exp(nlse - lse)
-        if spec.kind == "was":
-            base = distance_sum / number_sum
-        elif spec.kind == "none":
-            base = torch.zeros_like(yhat)
-        else:
-            base = dot_product_loss(spec.kind, yhat, y)
-        ntl = mass * base + REWEIGH_MARGIN * spec.max_distance * (1 - mass) if spec.reweigh else base
-        ntl = torch.where(is_number, ntl, torch.zeros_like(ntl))
-        correct = is_number & (target >= nmax)
-
-        ctx.spec = spec
-        ctx.save_for_backward(logits2d, number_ids, number_values, target_local, in_shard, valid,
-                              is_number, y, lse, nlse, yhat, base, mass)
-        ctx.mark_non_differentiable(correct)
-        return ce, ntl, yhat, mass, correct
+        rows = label_rows(labels1d, values, spec, logits2d.shape[1])
+        lse_local, zn, target = _local_statistics(logits2d, number_ids, rows.target_local,
+                                                  rows.in_shard)
+        nonfinite = float((~torch.isfinite(logits2d)).sum()) if spec.check_finite else 0.0
+        outputs, stats = combine_statistics(lse_local, zn, target, rows, number_values, spec,
+                                            group, nonfinite, values.numel())
+        ctx.spec, ctx.rows = spec, rows
+        ctx.save_for_backward(logits2d, number_ids, number_values, *stats)
+        ctx.mark_non_differentiable(outputs[-1])
+        return outputs
 
     @staticmethod
     def backward(ctx, g_ce, g_ntl, g_yhat, g_mass, _g_correct):
-        (z, number_ids, number_values, target_local, in_shard, valid, is_number, y, lse, nlse,
-         yhat, base, mass) = ctx.saved_tensors
-        spec: OpSpec = ctx.spec
-        zero = torch.zeros_like(lse)
-        g_ce, g_ntl, g_yhat, g_mass = (zero if g is None else g.float()
-                                       for g in (g_ce, g_ntl, g_yhat, g_mass))
-        g_ntl = torch.where(is_number, g_ntl, zero)
-        g_ce = torch.where(valid, g_ce, zero)
-        # l = m * base + c (1 - m) when reweighing: dl = m dbase + (base - c) dm
-        base_scale = mass if spec.reweigh else torch.ones_like(mass)
-        g_mass_total = g_mass + (g_ntl * (base - REWEIGH_MARGIN * spec.max_distance)
-                                 if spec.reweigh else zero)
-        full_coef = g_ce - g_mass_total * mass  # times softmax q_k on every column
-        g_distance = g_ntl * base_scale if spec.kind == "was" else zero
-        g_value = g_yhat + (g_ntl * base_scale * dot_product_loss_grad(spec.kind, yhat, y)
-                            if spec.kind not in ("was", "none") else zero)
-
+        z, number_ids, number_values, *stats = ctx.saved_tensors
+        spec, rows = ctx.spec, ctx.rows
         zn = z.index_select(1, number_ids).float()
-        p = torch.exp(zn - nlse.unsqueeze(1))  # softmax over number tokens
-        q_number = torch.exp(zn - lse.unsqueeze(1))  # full softmax at number tokens
-        number_grad = q_number * (full_coef + g_mass_total).unsqueeze(1)
-        number_grad += p * (g_value.unsqueeze(1) * (number_values - yhat.unsqueeze(1)))
-        if spec.kind == "was":
-            d = number_distance(number_values, y.unsqueeze(1), spec.squash)
-            number_grad += p * (g_distance.unsqueeze(1) * (d - base.unsqueeze(1)))
-        # the label's column: its softmax term, minus g_ce, or its number-column value minus g_ce
+        terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, number_values, stats,
+                               spec)
+        lse = stats[0]
+        # the label's column: its number-column value or its softmax term, minus g_ce
         column_to_number = torch.full((z.shape[1],), -1, dtype=torch.long, device=z.device)
         column_to_number[number_ids] = torch.arange(number_ids.numel(), device=z.device)
-        label_number = column_to_number[target_local]
-        q_label = torch.exp(z.gather(1, target_local.unsqueeze(1)).squeeze(1).float() - lse)
+        label_number = column_to_number[rows.target_local]
+        q_label = torch.exp(z.gather(1, rows.target_local.unsqueeze(1)).squeeze(1).float() - lse)
         label_grad = torch.where(
             label_number >= 0,
-            number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
-            if number_ids.numel() else zero, q_label * full_coef) - g_ce
+            terms.number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
+            if number_ids.numel() else torch.zeros_like(lse),
+            q_label * terms.full_coef) - terms.g_ce
+        number_grad, shift, in_shard, target_local = (terms.number_grad, terms.shift,
+                                                      rows.in_shard, rows.target_local)
 
-        # every other column is q_k * full_coef = +-exp(z_k - lse + log|full_coef|): one
-        # subtraction and one exp per logit; exact fp32 values then overwrite the few others
-        shift = lse - torch.log(full_coef.abs())  # full_coef == 0 -> +inf -> exactly 0
-        sign = torch.where(full_coef < 0, -1.0, 1.0).to(z.dtype)
-        has_negative = (full_coef < 0).tolist()  # only reweigh / g_mass can make it negative
+        # one subtraction and one exp per logit; exact fp32 values then overwrite the few others
+        sign = torch.where(terms.negative, -1.0, 1.0).to(z.dtype)
+        has_negative = terms.negative.tolist()  # only reweigh / g_mass make it negative
         grad = torch.empty_like(z)
         hit_rows = torch.nonzero(in_shard).squeeze(1)
         buf = None if z.dtype == torch.float32 else _scratch(z)
