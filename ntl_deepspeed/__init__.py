@@ -2,8 +2,9 @@
 from .config import NTLConfig
 from .loss import CENTLOutput, vocab_parallel_ce_ntl
 from .numbers import NumberVocab
+from .ops.fused_linear import fused_linear_ce_ntl
 from .reference import ntl_loss, number_level_loss
 
-__all__ = ["CENTLOutput", "NTLConfig", "NumberVocab", "ntl_loss", "number_level_loss",
-           "vocab_parallel_ce_ntl"]
+__all__ = ["CENTLOutput", "NTLConfig", "NumberVocab", "fused_linear_ce_ntl", "ntl_loss",
+           "number_level_loss", "vocab_parallel_ce_ntl"]
 __version__ = "0.1.0"

@@ -82,11 +82,23 @@ def vocab_parallel_ce_ntl(logits: torch.Tensor, labels: torch.Tensor, number_voc
     """
     config = dataclasses.replace(config or NTLConfig(), **overrides)
     check_shapes(logits, labels, loss_weights, reduction)
-    token_kind = "none" if not config.enabled or config.kind == "number_level" else config.kind
-    ce, ntl, yhat, mass, correct = vocab_parallel_statistics(
-        logits, labels, number_vocab, token_kind, tp_group=tp_group, reweigh=config.reweigh,
-        squash_factor=config.squash_factor, vocab_start_index=vocab_start_index,
-        ignore_index=config.ignore_index, check_finite=check_finite)
+    per_token = vocab_parallel_statistics(
+        logits, labels, number_vocab, token_kind(config), tp_group=tp_group,
+        reweigh=config.reweigh, squash_factor=config.squash_factor,
+        vocab_start_index=vocab_start_index, ignore_index=config.ignore_index,
+        check_finite=check_finite)
+    return finish(per_token, labels, number_vocab, config, loss_weights, reduction, dp_group)
+
+
+def token_kind(config: NTLConfig) -> str:
+    """The per-token kind the op computes (number-level NTL is assembled afterwards)."""
+    return "none" if not config.enabled or config.kind == "number_level" else config.kind
+
+
+def finish(per_token, labels, number_vocab: NumberVocab, config: NTLConfig, loss_weights,
+           reduction: str, dp_group) -> CENTLOutput:
+    """Number-level assembly, weights and reductions on the op's per-token outputs."""
+    ce, ntl, yhat, mass, correct = per_token
 
     valid = labels != config.ignore_index
     label_value = number_vocab.values.to(labels.device)[torch.where(valid, labels, 0).long()]

@@ -1,0 +1,155 @@
+"""LM head + CE + NTL without materialising the logits (vocab-parallel, block by block).
+
+The logits ``hidden @ weight_shard.T (+ bias)`` are computed one vocab block at a time: the
+forward keeps only a running log-sum-exp per token; the number-token logits (``O(T x N_local)``)
+and the label's logit come from small separate products. The statistics then go through the
+same two collectives as :class:`~ntl_deepspeed.ops.vocab_parallel.VocabParallelCENTL`; the
+backward recomputes each block and turns it straight into the gradients of the hidden states
+and of the weight shard, communicating nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..checks import check_labels, check_shapes
+from ..config import NTLConfig
+from ..loss import CENTLOutput, finish, token_kind
+from ..numbers import NumberVocab
+from .vocab_parallel import (_group_size_rank, combine_statistics, gradient_terms, label_rows,
+                             make_spec, shard_bounds)
+
+DEFAULT_BLOCK = 2048  # vocab columns per block
+
+
+def _blocks(width: int, block: int):
+    for c0 in range(0, width, block):
+        yield c0, min(width, c0 + block)
+
+
+def _logits(h32, weight, bias, c0, c1):
+    z = h32 @ weight[c0:c1].float().t()
+    return z if bias is None else z + bias[c0:c1].float()
+
+
+class FusedLinearCENTL(torch.autograd.Function):
+    """Per-token (CE, NTL, y-hat, mass, correct) from hidden states and a vocab-sharded head.
+
+    Communication contract, over ``tp_group`` when it has more than one rank: forward exactly the
+    core op's 2 all-reduces (one MAX, one SUM); backward none. The hidden-state gradient is this
+    rank's partial sum over its vocab slice: as with Megatron's ColumnParallelLinear, the layer
+    that produced ``hidden`` (its TP copy/region op) all-reduces it in its own backward.
+    Peak extra memory: one ``[T, block]`` fp32 block (twice in backward) + ``O(T x (H + N))``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels1d, values, number_ids, number_values, spec,
+                group, block):
+        h32 = hidden.float()
+        rows = label_rows(labels1d, values, spec, weight.shape[0])
+        lse_local = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
+        nonfinite = 0.0
+        for c0, c1 in _blocks(weight.shape[0], block):
+            z = _logits(h32, weight, bias, c0, c1)
+            if spec.check_finite:
+                nonfinite += float((~torch.isfinite(z)).sum())
+            lse_local = torch.logaddexp(lse_local, torch.logsumexp(z, -1))
+        w_num = weight.index_select(0, number_ids).float()
+        zn = h32 @ w_num.t()
+        w_label = weight.index_select(0, rows.target_local).float()
+        target = (h32 * w_label).sum(-1)
+        if bias is not None:
+            zn = zn + bias.index_select(0, number_ids).float()
+            target = target + bias.index_select(0, rows.target_local).float()
+        target = torch.where(rows.in_shard, target, torch.zeros_like(target))
+        outputs, stats = combine_statistics(lse_local, zn, target, rows, number_values, spec,
+                                            group, nonfinite, values.numel())
+        ctx.spec, ctx.rows, ctx.block, ctx.has_bias = spec, rows, block, bias is not None
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else hidden.new_empty(0),
+                              number_ids, number_values, zn, *stats)
+        ctx.mark_non_differentiable(outputs[-1])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, g_ce, g_ntl, g_yhat, g_mass, _g_correct):
+        hidden, weight, bias, number_ids, number_values, zn, *stats = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        rows, spec = ctx.rows, ctx.spec
+        terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, number_values, stats,
+                               spec)
+        h32 = hidden.float()
+        sign = torch.where(terms.negative, -1.0, 1.0).unsqueeze(1)
+        any_negative = bool(terms.negative.any())
+        d_hidden = torch.zeros_like(h32)
+        d_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        d_bias = None if bias is None else torch.empty(bias.shape, dtype=torch.float32,
+                                                       device=bias.device)
+        shift = terms.shift.unsqueeze(1)
+        for c0, c1 in _blocks(weight.shape[0], ctx.block):
+            g = _logits(h32, weight, bias, c0, c1).sub_(shift).exp_()
+            if any_negative:
+                g.mul_(sign)
+            d_hidden.addmm_(g, weight[c0:c1].float())
+            torch.mm(g.t(), h32, out=d_weight[c0:c1])
+            if d_bias is not None:
+                torch.sum(g, 0, out=d_bias[c0:c1])
+        # corrections: number columns hold number_grad, the label column also has -g_ce
+        base_n = torch.exp(zn - shift) * sign
+        corr_n = terms.number_grad - base_n
+        d_hidden.addmm_(corr_n, weight.index_select(0, number_ids).float())
+        d_weight.index_add_(0, number_ids, corr_n.t() @ h32)
+        hit = torch.nonzero(rows.in_shard).squeeze(1)
+        cols, minus = rows.target_local[hit], -terms.g_ce[hit]
+        d_hidden.index_add_(0, hit, minus.unsqueeze(1) * weight.index_select(0, cols).float())
+        d_weight.index_add_(0, cols, minus.unsqueeze(1) * h32[hit])
+        if d_bias is not None:
+            d_bias.index_add_(0, number_ids, corr_n.sum(0))
+            d_bias.index_add_(0, cols, minus)
+            d_bias = d_bias.to(bias.dtype)
+        return (d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias, None, None, None,
+                None, None, None, None)
+
+
+def fused_linear_ce_ntl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        number_vocab: NumberVocab, tp_group=None,
+                        config: Optional[NTLConfig] = None, *, bias: Optional[torch.Tensor] = None,
+                        vocab_start_index: Optional[int] = None, block_size: int = DEFAULT_BLOCK,
+                        loss_weights: Optional[torch.Tensor] = None, reduction: str = "mean",
+                        dp_group=None, check_finite: bool = False, **overrides) -> CENTLOutput:
+    """:func:`~ntl_deepspeed.vocab_parallel_ce_ntl` of ``hidden @ weight.T + bias`` without the
+    logits: ``hidden`` [..., H], ``weight`` this rank's ``[V_local, H]`` rows of the head."""
+    import dataclasses
+
+    config = dataclasses.replace(config or NTLConfig(), **overrides)
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not "
+                         "match: expected hidden [..., H] and labels [...]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [V_local, {hidden.shape[-1]}]")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be >= 1")
+    check_shapes(hidden.new_empty(*labels.shape, 0), labels, loss_weights, reduction)
+    check_labels(labels, number_vocab.vocab_size, config.ignore_index)
+    width = weight.shape[0]
+    start, end, shard_ok = shard_bounds(number_vocab.vocab_size, width, tp_group,
+                                        vocab_start_index)
+    if _group_size_rank(tp_group)[0] == 1 and (start, end, width) != (
+            0, number_vocab.vocab_size, number_vocab.vocab_size):
+        raise ValueError(f"the head has {width} rows but the NumberVocab {number_vocab.vocab_size}"
+                         f"; build it with vocab_size={width} or pass vocab_start_index")
+    spec = make_spec(number_vocab, token_kind(config), config.reweigh, config.squash_factor,
+                     start, end, config.ignore_index, check_finite, shard_ok)
+    lo = min(max(start, 0), number_vocab.vocab_size - 1)
+    values, number_ids, number_values = number_vocab.on_device(
+        hidden.device, lo, min(max(lo + width, lo + 1), number_vocab.vocab_size))
+    if not shard_ok:
+        keep = number_ids < width
+        number_ids, number_values = number_ids[keep], number_values[keep]
+    outs = FusedLinearCENTL.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                  labels.reshape(-1).long(), values, number_ids, number_values,
+                                  spec, tp_group, block_size)
+    per_token = tuple(o.view(labels.shape) for o in outs)
+    return finish(per_token, labels, number_vocab, config, loss_weights, reduction, dp_group)
