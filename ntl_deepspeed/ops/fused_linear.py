@@ -20,7 +20,7 @@ from ..numbers import NumberVocab
 from .vocab_parallel import (_group_size_rank, combine_statistics, gradient_terms, label_rows,
                              make_spec, shard_bounds)
 
-DEFAULT_BLOCK = 2048  # vocab columns per block
+DEFAULT_BLOCK = 1024  # vocab columns per block
 
 
 def _blocks(width: int, block: int):
