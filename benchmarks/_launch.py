@@ -40,3 +40,11 @@ def run_pretrain(out_dir: str, config: str, model: str, *extra: str, ranks: int 
     with open(os.path.join(out_dir, "run_info.json")) as f:
         info = json.load(f)
     return {"rows": rows, "info": info}
+
+
+def write_json(result: dict, path: str) -> None:
+    """Write a benchmark's result and echo it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))

@@ -15,7 +15,7 @@ import os
 import statistics
 import tempfile
 
-from _launch import ROOT, mistral_tokenizer, run_pretrain
+from _launch import ROOT, mistral_tokenizer, run_pretrain, write_json
 
 VOCAB = 32000
 
@@ -74,10 +74,7 @@ def main():
         "loss": [r["loss"] for r in rows], "ntl": [r.get("ntl") for r in rows],
         "deepspeed_estimates": estimates(),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import statistics
 import tempfile
 
-from _launch import ROOT, mistral_tokenizer, run_pretrain
+from _launch import ROOT, mistral_tokenizer, run_pretrain, write_json
 
 MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
@@ -59,10 +59,7 @@ def main():
         "ratio_ntl_on_autotp2_vs_off": med["ntl_on_autotp2"] / med["ntl_off"],
         "target": "ntl_on / ntl_off <= 1.03",
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":
