@@ -24,6 +24,7 @@ class NTLSection(BaseModel):
     float_level: bool = False
     log_metrics: bool = True
     check_finite: bool = False
+    fused_head: bool = False  # reserved: LM head + loss without materialised logits
 
     @field_validator("squash_factor")
     @classmethod
@@ -47,11 +48,17 @@ def parse_ntl_section(ds_config: Dict[str, Any]) -> NTLSection:
     if not isinstance(raw, dict):
         raise ValueError(f'ds_config "ntl" must be an object, got {type(raw).__name__}')
     try:
-        return NTLSection(**raw)
+        section = NTLSection(**raw)
     except ValidationError as e:
         problems = "; ".join(f'ntl.{".".join(map(str, err["loc"])) or "?"}: {err["msg"]}'
                              for err in e.errors())
         raise ValueError(f'invalid "ntl" section in the DeepSpeed config: {problems}') from None
+    if section.fused_head:
+        raise NotImplementedError(
+            'ntl.fused_head=true is not supported by the DeepSpeed trainer yet (under ZeRO-3 the '
+            'fused head must run inside the lm_head forward, where its weight is gathered); '
+            'set "fused_head": false')
+    return section
 
 
 def split_ds_config(ds_config: Dict[str, Any]):

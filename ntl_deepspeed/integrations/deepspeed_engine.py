@@ -138,7 +138,8 @@ class Trainer:
         if not args.plain_ce:  # --plain-ce keeps the model's own loss (for comparisons)
             engine.module.loss_function = make_causal_lm_loss(
                 vocab, ntl.to_ntl_config(), tp_group=tp_group, vocab_start_index=start,
-                dp_group=dp_group, on_output=trainer.captured.append,
+                dp_group=dp_group,
+                on_output=trainer.captured.append if ntl.log_metrics else None,
                 check_finite=ntl.check_finite)
         trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
         if args.resume:
@@ -179,6 +180,8 @@ class Trainer:
             row = {"step": step, "step_s": seconds,
                    **reduce_metrics(loss.detach(), step_metrics, self.dp_group, seconds,
                                     ids.numel())}
+            if self.args.plain_ce:
+                row["ce"] = row["loss"]  # the model's own loss is the CE
             self.history.append(row)
             self.log(row)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("ce", "ntl", "number_mae",

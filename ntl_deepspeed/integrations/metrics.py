@@ -35,7 +35,8 @@ class StepMetrics:
 def reduce_metrics(loss: torch.Tensor, m: Optional[StepMetrics], dp_group, seconds: float,
                    input_tokens: int) -> dict:
     """Loss (DP mean), global CE, NTL, number accuracy / MAE and tokens/s over the DP group.
-    Without NTL metrics (``m`` None: the model's own loss) only loss and tokens/s."""
+    Without NTL metrics (``m`` None: the model's own loss, or ``log_metrics`` off) only loss and
+    tokens/s."""
     vals = [float(loss), float(input_tokens)] + ([] if m is None else [
         m.ce_sum, m.ntl_sum, m.valid_tokens, m.number_labels, m.number_correct,
         m.number_abs_error])
@@ -45,7 +46,6 @@ def reduce_metrics(loss: torch.Tensor, m: Optional[StepMetrics], dp_group, secon
         dist.all_reduce(t, group=dp_group)
     out = {"loss": t[0].item() / dp, "tokens_per_s": t[1].item() / max(seconds, 1e-9)}
     if m is None:
-        out["ce"] = out["loss"]
         return out
     ce, ntl, tokens, numbers, correct, abs_err = t[2:].tolist()
     # ntl: per number label (for number_level, the per-number sum over digit labels)

@@ -1,0 +1,46 @@
+"""The ds_config "ntl" section: defaults, conversion to NTLConfig, errors naming the key."""
+import pytest
+
+from ntl_deepspeed import NTLConfig
+from ntl_deepspeed.integrations.deepspeed_config import parse_ntl_section, split_ds_config
+
+
+def test_absent_section_disables_ntl():
+    assert parse_ntl_section({"train_batch_size": 8}).enabled is False
+
+
+def test_defaults_and_conversion():
+    section = parse_ntl_section({"ntl": {}})
+    assert (section.weight, section.kind, section.mode, section.fused_head) == (0.3, "was",
+                                                                                "digits", False)
+    cfg = parse_ntl_section({"ntl": {"kind": "mse", "weight": 0.5, "reweigh": True,
+                                     "normalization": "global", "ignore_index": -1}}
+                            ).to_ntl_config()
+    assert cfg == NTLConfig(kind="mse", weight=0.5, reweigh=True, normalization="global",
+                            ignore_index=-1)
+
+
+def test_split_removes_only_the_ntl_section():
+    ds, section = split_ds_config({"zero_optimization": {"stage": 3}, "ntl": {"weight": 0.1}})
+    assert ds == {"zero_optimization": {"stage": 3}} and section.weight == 0.1
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"fused_head": "maybe"}, "ntl.fused_head"),
+    ({"normalization": "batch"}, "ntl.normalization"),
+    ({"weight": float("nan")}, "ntl.weight"),
+    ({"log_metrics": "often"}, "ntl.log_metrics"),
+])
+def test_more_bad_values_name_the_key(section, message):
+    with pytest.raises(ValueError, match=message):
+        parse_ntl_section({"ntl": section})
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(ValueError, match='"ntl" must be an object'):
+        parse_ntl_section({"ntl": [0.3]})
+
+
+def test_fused_head_is_reserved():
+    with pytest.raises(NotImplementedError, match="ntl.fused_head"):
+        parse_ntl_section({"ntl": {"fused_head": True}})
