@@ -11,10 +11,8 @@ true}`` (vocab-sharded logits; our fused op replaces the model's loss function).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
