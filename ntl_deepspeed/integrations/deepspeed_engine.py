@@ -152,10 +152,11 @@ class Trainer:
         return os.path.join(self.args.output_dir, "metrics.jsonl")
 
     # ------------------------------------------------------------------ data
-    def batch(self, step: int) -> torch.Tensor:
-        """This DP rank's micro-batch of a step: deterministic, identical on its TP ranks."""
+    def batch(self, micro_step: int) -> torch.Tensor:
+        """This DP rank's micro-batch number ``micro_step``: deterministic, identical on its TP
+        ranks."""
         mb = self.engine.train_micro_batch_size_per_gpu()
-        first = (step * self.dp_size + self.dp_rank) * mb
+        first = (micro_step * self.dp_size + self.dp_rank) * mb
         idx = torch.arange(first, first + mb) % self.blocks.shape[0]
         return self.blocks[idx]
 
@@ -167,19 +168,24 @@ class Trainer:
         steps = self.args.steps
         bar = tqdm(total=steps, initial=self.start_step, disable=not rank0, desc="pretrain",
                    dynamic_ncols=True, file=sys.stdout)
-        for step in range(self.start_step, steps):
+        gas = self.engine.gradient_accumulation_steps()
+        for step in range(self.start_step, steps):  # one optimizer step = gas micro-batches
             t0 = time.perf_counter()
-            ids = self.batch(step)
             self.captured.clear()
-            loss = self.engine(input_ids=ids, labels=ids).loss
-            self.engine.backward(loss)
-            self.engine.step()
+            losses, tokens = [], 0
+            for micro in range(gas):
+                ids = self.batch(step * gas + micro).to(self.engine.device)
+                loss = self.engine(input_ids=ids, labels=ids).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(loss.detach())
+                tokens += ids.numel()
             seconds = time.perf_counter() - t0
             _debug_exit(step)
-            step_metrics = StepMetrics.from_output(self.captured[-1]) if self.captured else None
+            step_metrics = StepMetrics.total(self.captured) if self.captured else None
             row = {"step": step, "step_s": seconds,
-                   **reduce_metrics(loss.detach(), step_metrics, self.dp_group, seconds,
-                                    ids.numel())}
+                   **reduce_metrics(torch.stack(losses).mean(), step_metrics, self.dp_group,
+                                    seconds, tokens)}
             if self.args.plain_ce:
                 row["ce"] = row["loss"]  # the model's own loss is the CE
             self.history.append(row)
@@ -200,7 +206,8 @@ class Trainer:
         """Parameters and peak resident memory per rank (max and sum over ranks)."""
         import resource
 
-        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0] * 2)
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0] * 2,
+                           device=self.engine.device)  # nccl reduces device tensors only
         dist.all_reduce(rss[:1], op=dist.ReduceOp.MAX)
         dist.all_reduce(rss[1:], op=dist.ReduceOp.SUM)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())

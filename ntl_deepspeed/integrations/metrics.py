@@ -22,6 +22,12 @@ class StepMetrics:
     number_abs_error: float
 
     @classmethod
+    def total(cls, outputs) -> "StepMetrics":
+        """Summed over the micro-batches (outputs) of one optimizer step."""
+        parts = [cls.from_output(o) for o in outputs]
+        return cls(*(sum(getattr(p, f) for p in parts) for f in cls.__dataclass_fields__))
+
+    @classmethod
     def from_output(cls, out: CENTLOutput) -> "StepMetrics":
         with torch.no_grad():
             numbers = out.number_token_label
@@ -40,7 +46,7 @@ def reduce_metrics(loss: torch.Tensor, m: Optional[StepMetrics], dp_group, secon
     vals = [float(loss), float(input_tokens)] + ([] if m is None else [
         m.ce_sum, m.ntl_sum, m.valid_tokens, m.number_labels, m.number_correct,
         m.number_abs_error])
-    t = torch.tensor(vals, dtype=torch.float64)
+    t = torch.tensor(vals, dtype=torch.float64, device=loss.device)  # nccl: device tensors
     dp = dist.get_world_size(dp_group) if dist.is_initialized() else 1
     if dp > 1:
         dist.all_reduce(t, group=dp_group)
