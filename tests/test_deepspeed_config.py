@@ -44,3 +44,16 @@ def test_section_must_be_an_object():
 def test_fused_head_is_reserved():
     with pytest.raises(NotImplementedError, match="ntl.fused_head"):
         parse_ntl_section({"ntl": {"fused_head": True}})
+
+
+def test_vocab_parallel_head_needs_the_pinned_deepspeed(monkeypatch):
+    import deepspeed
+
+    from ntl_deepspeed.integrations.deepspeed_engine import check_deepspeed_for_autotp
+
+    tp = {"tensor_parallel": {"autotp_size": 2, "vocab_parallel_lm_head": True}}
+    check_deepspeed_for_autotp(tp)  # the installed, pinned version
+    monkeypatch.setattr(deepspeed, "__version__", "0.16.4")
+    with pytest.raises(RuntimeError, match=r"deepspeed==0\.19\.8; installed: 0\.16\.4"):
+        check_deepspeed_for_autotp(tp)
+    check_deepspeed_for_autotp({"zero_optimization": {"stage": 3}})  # layout (a): any version
