@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,18 +47,17 @@ def main(argv=None):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from ntl_deepspeed.integrations.deepspeed_engine import Trainer
+    from ntl_deepspeed.integrations.deepspeed_engine import Trainer, exit_worker
 
     torch.manual_seed(args.seed)
-    trainer = Trainer.from_args(args)
-    code = 0
     try:
+        trainer = Trainer.from_args(args)
         trainer.train()
     except BaseException:
-        code = 1
-        raise
-    finally:
-        trainer.shutdown(code)
+        # a failed worker must exit: gloo/ZeRO threads can otherwise keep it alive forever
+        traceback.print_exc()
+        exit_worker(1)
+    exit_worker(0)
 
 
 if __name__ == "__main__":

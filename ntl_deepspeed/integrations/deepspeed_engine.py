@@ -251,17 +251,21 @@ class Trainer:
             path = plot_curves(self.history, os.path.join(self.args.output_dir, "curves.png"))
             print(f"curves: {path}", flush=True)
 
-    def shutdown(self, code: int = 0) -> None:
-        """End the worker cleanly: gloo can abort at interpreter exit after all work is done."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if code == 0:
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-            if "mpi4py" in sys.modules:
-                from mpi4py import MPI
 
-                if MPI.Is_initialized() and not MPI.Is_finalized():
-                    MPI.Finalize()
-            os._exit(0)
+
+def exit_worker(code: int) -> None:
+    """End a worker for good. On success: barrier, destroy the process group, finalize MPI
+    (gloo can abort at interpreter exit otherwise); always flush and ``os._exit``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        if "mpi4py" in sys.modules:
+            from mpi4py import MPI
+
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.Finalize()
+    sys.stdout.flush()
+    os._exit(code)
