@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "zero3_cpu_tiny.json")
 AUTOTP = os.path.join(ROOT, "configs", "zero3_cpu_autotp2.json")
 AUTOTP_DP = os.path.join(ROOT, "configs", "zero3_cpu_autotp2_dp2.json")
+OFFLOAD = os.path.join(ROOT, "configs", "zero3_cpu_offload.json")
 MODEL = os.path.join(ROOT, "configs", "model", "llama_tiny.json")
 
 
@@ -57,12 +58,14 @@ def test_dp2_and_autotp2_same_losses_and_loss_decreases(tmp_path):
     assert os.path.exists(tmp_path / "dp" / "checkpoints" / "latest")
 
 
-def test_autotp2_x_dp2_matches_dp2(tmp_path):
+def test_autotp2_x_dp2_and_cpu_offload_match_dp2(tmp_path):
     launch(tmp_path / "dp", "--steps", "4")
     launch(tmp_path / "tpdp", "--steps", "4", config=AUTOTP_DP, ranks=4)
+    launch(tmp_path / "offload", "--steps", "4", config=OFFLOAD)
     for key in ("loss", "ce", "ntl"):
-        assert column(metrics(tmp_path / "dp"), key) == pytest.approx(
-            column(metrics(tmp_path / "tpdp"), key), rel=2e-4), key
+        for other in ("tpdp", "offload"):
+            assert column(metrics(tmp_path / "dp"), key) == pytest.approx(
+                column(metrics(tmp_path / other), key), rel=2e-4), (other, key)
 
 
 def test_weight_zero_is_plain_cross_entropy_training(tmp_path):
