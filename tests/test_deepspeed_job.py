@@ -68,11 +68,38 @@ def test_autotp2_x_dp2_and_cpu_offload_match_dp2(tmp_path):
                 column(metrics(tmp_path / other), key), rel=2e-4), (other, key)
 
 
-def test_weight_zero_is_plain_cross_entropy_training(tmp_path):
-    launch(tmp_path / "zero", "--steps", "8", "--ntl-weight", "0")
-    launch(tmp_path / "plain", "--steps", "8", "--plain-ce")
+def profiled_config(tmp_path, name):
+    """The tiny config with DeepSpeed's flops profiler on at step 2, writing to a file."""
+    with open(TINY) as f:
+        cfg = json.load(f)
+    cfg["flops_profiler"] = {"enabled": True, "profile_step": 2, "module_depth": -1,
+                             "top_modules": 1, "output_file": str(tmp_path / f"{name}.txt")}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def profiled_forward_flops(path):
+    with open(path) as f:
+        line = next(l for l in f if l.startswith("fwd flops per GPU:"))
+    value, unit = line.split(":")[1].split()
+    return float(value) * {"K": 1e3, "M": 1e6, "G": 1e9}[unit]
+
+
+def test_weight_zero_is_plain_cross_entropy_training_and_profiler_counts_ntl(tmp_path):
+    from ntl_deepspeed.integrations.flops import ce_ntl_forward_flops
+
+    launch(tmp_path / "zero", "--steps", "8", "--ntl-weight", "0",
+           config=profiled_config(tmp_path, "zero"))
+    launch(tmp_path / "plain", "--steps", "8", "--plain-ce",
+           config=profiled_config(tmp_path, "plain"))
     assert column(metrics(tmp_path / "zero"), "loss") == pytest.approx(
         column(metrics(tmp_path / "plain"), "loss"), rel=1e-5)
+    # the engine's profile (rank 0, step 2) holds the op's flops; HF's CE is invisible to it.
+    # 8 x 65 labels, 512-token vocab (10 digits): 1.11 M; the profile prints 2 decimals
+    added = profiled_forward_flops(tmp_path / "zero.txt") - profiled_forward_flops(
+        tmp_path / "plain.txt")
+    assert added == pytest.approx(ce_ntl_forward_flops(8 * 65, 512, 10), abs=0.011e6)
 
 
 def test_resume_continues_exactly(tmp_path):

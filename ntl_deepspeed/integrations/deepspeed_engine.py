@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
 from .deepspeed_config import NTLSection, split_ds_config
+from .flops import book_into_root
 from .hf_loss import make_causal_lm_loss
 from .metrics import StepMetrics, reduce_metrics
 
@@ -141,6 +142,7 @@ class Trainer:
                 dp_group=dp_group,
                 on_output=trainer.captured.append if ntl.log_metrics else None,
                 check_finite=ntl.check_finite)
+        book_into_root(engine.module)  # flops profiler: see flops.py
         trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
         if args.resume:
             trainer.load()
