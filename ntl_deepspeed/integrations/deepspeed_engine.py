@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
-from .deepspeed_config import NTLSection, split_ds_config
+from .deepspeed_config import NTLSection, parse_ntl_section, split_ds_config
 from .flops import book_into_root
 from .hf_loss import make_causal_lm_loss
 from .metrics import StepMetrics, reduce_metrics
@@ -97,8 +97,7 @@ class Trainer:
         with open(args.deepspeed_config) as f:
             ds_config, ntl = split_ds_config(json.load(f))
         if args.ntl_weight is not None:
-            ntl = ntl.model_copy(update={"weight": args.ntl_weight})
-            NTLSection(**ntl.model_dump())  # re-validate
+            ntl = parse_ntl_section({"ntl": {**ntl.model_dump(), "weight": args.ntl_weight}})
         check_deepspeed_for_autotp(ds_config)
         skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else
