@@ -49,16 +49,18 @@ def pad_vocab(size: int, multiple: int) -> int:
 
 def token_blocks(tokenizer_path: str, n_sentences: int, seed: int, seq_len: int) -> torch.Tensor:
     """The corpus as [n_blocks, seq_len + 1] token ids (sentences joined by EOS)."""
-    import sentencepiece as spm
-
     from ..data.corpus import generate
+    from ..data.encode import text_encoder
 
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    encode, eos = text_encoder(tokenizer_path)
     ids: List[int] = []
     for sentence in generate(n_sentences, seed):
-        ids.extend(sp.encode(sentence))
-        ids.append(sp.eos_id())
+        ids.extend(encode(sentence))
+        ids.append(eos)
     n = len(ids) // (seq_len + 1)
+    if n == 0:
+        raise ValueError(f"--corpus-sentences {n_sentences} gives fewer than seq_len + 1 = "
+                         f"{seq_len + 1} tokens")
     return torch.tensor(ids[: n * (seq_len + 1)]).view(n, seq_len + 1)
 
 

@@ -1,0 +1,46 @@
+"""Turn a tokenizer file into ``(encode(text) -> ids, eos_id)`` for building training data."""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Tuple
+
+EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
+
+Encoder = Tuple[Callable[[str], List[int]], int]
+
+
+def _sentencepiece(path: str) -> Encoder:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.eos_id() < 0:
+        raise ValueError(f"{path}: the sentencepiece model has no EOS piece (eos_id = -1)")
+    return (lambda text: sp.encode(text)), sp.eos_id()
+
+
+def _tokenizer_json(path: str) -> Encoder:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(path)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+    if eos is None:
+        raise ValueError(f"{path}: no end-of-text token among {EOS_CANDIDATES}")
+    return (lambda text: tok.encode(text, add_special_tokens=False).ids), eos
+
+
+def text_encoder(path: str) -> Encoder:
+    """A sentencepiece ``.model``, a ``tokenizer.json`` or a directory holding one of them."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.exists(os.path.join(path, name)):
+                return text_encoder(os.path.join(path, name))
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in the directory")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--tokenizer {path}: no such file")
+    if path.endswith(".json"):
+        return _tokenizer_json(path)
+    if path.endswith(".tiktoken"):
+        raise ValueError(f"{path}: a *.tiktoken file has no pre-tokenizer pattern, so it cannot "
+                         "encode training text here; pass a sentencepiece .model or tokenizer.json")
+    return _sentencepiece(path)
