@@ -42,8 +42,8 @@ def inputs(t, h, v, rank=0, world=1):
 
 
 def step(path, vocab, hidden, weight, labels, start, group, block):
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
+    """One forward+backward; ``hidden`` and ``weight`` are fresh leaves (inputs, not measured)."""
+    h, w = hidden, weight
     cfg = NTLConfig(kind="was", weight=0.3)
     t0 = time.perf_counter()
     if path == "fused":
@@ -59,13 +59,20 @@ def step(path, vocab, hidden, weight, labels, start, group, block):
 def measure(path, t, h, v, block, reps, rank=0, world=1, group=None):
     """(fastest time, peak bytes above inputs, weight-gradient bytes) in this process."""
     vocab, hidden, weight, labels, start = inputs(t, h, v, rank, world)
-    step(path, vocab, hidden[:8], weight, labels[:8], start, group, block)  # warm-up, small
+    def leaves(x):
+        return x.clone().requires_grad_()
+
+    step(path, vocab, leaves(hidden[:8]), leaves(weight), labels[:8], start, group,
+         block)  # warm-up, small
+    h, w = leaves(hidden), leaves(weight)  # the inputs exist before the loss runs
     reset_peak_rss()
     base = _status_kb("VmRSS")
-    times = [step(path, vocab, hidden, weight, labels, start, group, block)]
+    times = [step(path, vocab, h, w, labels, start, group, block)]
     peak = _status_kb("VmHWM") - base
+    del h, w
     for _ in range(reps - 1):
-        times.append(step(path, vocab, hidden, weight, labels, start, group, block))
+        times.append(step(path, vocab, leaves(hidden), leaves(weight), labels, start, group,
+                          block))
     return min(times), peak, weight.numel() * 4
 
 
