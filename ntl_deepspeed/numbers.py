@@ -201,12 +201,9 @@ def _describe(vocab: NumberVocab, tokenizer: Any, text: Optional[str]) -> str:
 def _encode(tokenizer: str, text: str) -> Tuple[List[int], List[str]]:
     import os
 
-    path = tokenizer
-    if os.path.isdir(path):
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer.model.v1"):
-            if os.path.exists(os.path.join(path, name)):
-                path = os.path.join(path, name)
-                break
+    from .token_sources import tokenizer_file_in
+
+    path = (tokenizer_file_in(tokenizer) or tokenizer) if os.path.isdir(tokenizer) else tokenizer
     if path.endswith(".json"):
         from tokenizers import Tokenizer
 

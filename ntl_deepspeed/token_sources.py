@@ -83,14 +83,25 @@ def from_tiktoken_encoding(enc: Any) -> Pieces:
     return pieces, size
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.model.v1")
+
+
+def tokenizer_file_in(directory: str) -> Optional[str]:
+    """The tokenizer file a model directory holds (tokenizer.json first), or None."""
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
 def read_pieces(source: Any) -> Pieces:
     """Recognise ``source`` and read its pieces (see module docstring)."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            for name in ("tokenizer.json", "tokenizer.model", "tokenizer.model.v1"):
-                if os.path.exists(os.path.join(path, name)):
-                    return read_pieces(os.path.join(path, name))
+            found = tokenizer_file_in(path)
+            if found:
+                return read_pieces(found)
             tik = [n for n in os.listdir(path) if n.endswith(".tiktoken")]
             if tik:
                 return from_tiktoken_file(os.path.join(path, tik[0]))

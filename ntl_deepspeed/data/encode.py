@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Tuple
 
+from ..token_sources import tokenizer_file_in
+
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 
 Encoder = Tuple[Callable[[str], List[int]], int]
@@ -32,10 +34,10 @@ def _tokenizer_json(path: str) -> Encoder:
 def text_encoder(path: str) -> Encoder:
     """A sentencepiece ``.model``, a ``tokenizer.json`` or a directory holding one of them."""
     if os.path.isdir(path):
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if os.path.exists(os.path.join(path, name)):
-                return text_encoder(os.path.join(path, name))
-        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in the directory")
+        found = tokenizer_file_in(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in the directory")
+        return text_encoder(found)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--tokenizer {path}: no such file")
     if path.endswith(".json"):
