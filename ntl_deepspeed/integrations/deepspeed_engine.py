@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
+from ..token_sources import read_pieces
 from .deepspeed_config import NTLSection, parse_ntl_section, split_ds_config
 from .flops import book_into_root
 from .hf_loss import make_causal_lm_loss
@@ -116,10 +117,10 @@ class Trainer:
             tokenizer = train_tokenizer(seed=args.seed)
         with open(args.model) as f:
             model_cfg = json.load(f)
-        probe = NumberVocab.from_tokenizer(tokenizer, mode=ntl.mode)
-        model_cfg["vocab_size"] = pad_vocab(probe.tokenizer_size, 8 * tp)
-        vocab = NumberVocab.from_tokenizer(tokenizer, mode=ntl.mode,
-                                           vocab_size=model_cfg["vocab_size"])
+        pieces, tokenizer_size = read_pieces(tokenizer)  # read once: size, then numbers
+        model_cfg["vocab_size"] = pad_vocab(tokenizer_size, 8 * tp)
+        vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=model_cfg["vocab_size"],
+                            tokenizer_size=tokenizer_size)
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # keeps zero.Init + HF init; keep it alive
         model = AutoModelForCausalLM.from_config(LlamaConfig(**model_cfg))

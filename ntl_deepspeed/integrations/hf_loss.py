@@ -5,6 +5,7 @@ Works for full-vocab logits (``tp_group=None``) and for DeepSpeed AutoTP's vocab
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +28,7 @@ def make_causal_lm_loss(vocab: NumberVocab, config: NTLConfig, tp_group=None,
     gradient accumulation itself). ``on_output`` receives the full :class:`CENTLOutput`.
     """
 
+    @functools.lru_cache(maxsize=None)  # per shard width: not recomputed every step
     def local_numbers(width: int) -> int:
         start = vocab_start_index or 0
         return vocab.shard(start=start, end=min(start + width, vocab.vocab_size)).number_ids.numel()
