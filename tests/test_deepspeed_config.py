@@ -41,9 +41,11 @@ def test_section_must_be_an_object():
         parse_ntl_section({"ntl": [0.3]})
 
 
-def test_fused_head_is_reserved():
-    with pytest.raises(NotImplementedError, match="ntl.fused_head"):
-        parse_ntl_section({"ntl": {"fused_head": True}})
+def test_fused_head_keys():
+    section = parse_ntl_section({"ntl": {"fused_head": True, "fused_block_size": 256}})
+    assert (section.fused_head, section.fused_block_size) == (True, 256)
+    with pytest.raises(ValueError, match="ntl.fused_block_size"):
+        parse_ntl_section({"ntl": {"fused_block_size": 0}})
 
 
 def test_vocab_parallel_head_needs_the_pinned_deepspeed(monkeypatch):

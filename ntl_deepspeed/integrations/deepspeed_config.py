@@ -24,7 +24,8 @@ class NTLSection(BaseModel):
     float_level: bool = False
     log_metrics: bool = True
     check_finite: bool = False
-    fused_head: bool = False  # reserved: LM head + loss without materialised logits
+    fused_head: bool = Field(False, description="lm_head + loss without materialised logits")
+    fused_block_size: int = Field(1024, ge=1, description="vocab columns per fused-head block")
 
     @field_validator("squash_factor")
     @classmethod
@@ -53,11 +54,6 @@ def parse_ntl_section(ds_config: Dict[str, Any]) -> NTLSection:
         problems = "; ".join(f'ntl.{".".join(map(str, err["loc"])) or "?"}: {err["msg"]}'
                              for err in e.errors())
         raise ValueError(f'invalid "ntl" section in the DeepSpeed config: {problems}') from None
-    if section.fused_head:
-        raise NotImplementedError(
-            'ntl.fused_head=true is not supported by the DeepSpeed trainer yet (under ZeRO-3 the '
-            'fused head must run inside the lm_head forward, where its weight is gathered); '
-            'set "fused_head": false')
     return section
 
 

@@ -16,6 +16,7 @@ from ..numbers import NumberVocab
 from ..token_sources import read_pieces
 from .deepspeed_config import NTLSection, parse_ntl_section, split_ds_config
 from .flops import book_into_root
+from .fused_head import FusedHeadLoss
 from .hf_loss import make_causal_lm_loss
 from .metrics import StepMetrics, reduce_metrics
 
@@ -139,11 +140,15 @@ class Trainer:
         trainer = cls(args, engine, ds_config, ntl, vocab, None, dp_group,
                       dist.get_rank(dp_group), dist.get_world_size(dp_group), tp, hf_ds_config)
         if not args.plain_ce:  # --plain-ce keeps the model's own loss (for comparisons)
-            engine.module.loss_function = make_causal_lm_loss(
-                vocab, ntl.to_ntl_config(), tp_group=tp_group, vocab_start_index=start,
-                dp_group=dp_group,
-                on_output=trainer.captured.append if ntl.log_metrics else None,
-                check_finite=ntl.check_finite)
+            common = dict(tp_group=tp_group, vocab_start_index=start, dp_group=dp_group,
+                          on_output=trainer.captured.append if ntl.log_metrics else None,
+                          check_finite=ntl.check_finite)
+            if ntl.fused_head:  # the loss runs inside lm_head, where ZeRO-3 gathers its weight
+                FusedHeadLoss(vocab, ntl.to_ntl_config(), block_size=ntl.fused_block_size,
+                              **common).install(engine.module)
+            else:
+                engine.module.loss_function = make_causal_lm_loss(vocab, ntl.to_ntl_config(),
+                                                                  **common)
         book_into_root(engine.module)  # flops profiler: see flops.py
         trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
         if args.resume:

@@ -17,6 +17,26 @@ from ..numbers import NumberVocab
 from .flops import record_ce_ntl_flops
 
 
+def shift_left(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Position t is trained to predict token t + 1, as transformers shifts; the last position
+    gets ``ignore_index``."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def check_ignore_index(ignore_index: int, config: NTLConfig) -> None:
+    if ignore_index != config.ignore_index:
+        raise ValueError(f"the model asks for ignore_index={ignore_index}, the NTL config "
+                         f"has {config.ignore_index}")
+
+
+@functools.lru_cache(maxsize=64)
+def local_number_count(vocab: NumberVocab, vocab_start_index: Optional[int], width: int) -> int:
+    """Number tokens among this rank's ``width`` head rows (for the flops profiler); cached, as
+    it is asked every step."""
+    start = vocab_start_index or 0
+    return vocab.shard(start=start, end=min(start + width, vocab.vocab_size)).number_ids.numel()
+
+
 def make_causal_lm_loss(vocab: NumberVocab, config: NTLConfig, tp_group=None,
                         vocab_start_index: Optional[int] = None, dp_group=None,
                         on_output: Optional[Callable[[CENTLOutput], None]] = None,
@@ -28,24 +48,18 @@ def make_causal_lm_loss(vocab: NumberVocab, config: NTLConfig, tp_group=None,
     gradient accumulation itself). ``on_output`` receives the full :class:`CENTLOutput`.
     """
 
-    @functools.lru_cache(maxsize=None)  # per shard width: not recomputed every step
-    def local_numbers(width: int) -> int:
-        start = vocab_start_index or 0
-        return vocab.shard(start=start, end=min(start + width, vocab.vocab_size)).number_ids.numel()
-
     def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int = None,
                       num_items_in_batch=None, ignore_index: int = -100,
                       shift_labels: Optional[torch.Tensor] = None, **_):
-        if ignore_index != config.ignore_index:
-            raise ValueError(f"the model asks for ignore_index={ignore_index}, the NTL config "
-                             f"has {config.ignore_index}")
+        check_ignore_index(ignore_index, config)
         if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            shift_labels = shift_left(labels, ignore_index)
         out = vocab_parallel_ce_ntl(logits, shift_labels.to(logits.device), vocab, tp_group,
                                     config, vocab_start_index=vocab_start_index,
                                     dp_group=dp_group, check_finite=check_finite)
         record_ce_ntl_flops(shift_labels.numel(), logits.shape[-1],
-                            local_numbers(logits.shape[-1]))
+                            local_number_count(vocab, vocab_start_index,
+                                               logits.shape[-1]))
         if on_output is not None:
             on_output(out)
         return out.loss

@@ -1,0 +1,82 @@
+"""The fused head on a Hugging Face Llama: same loss and parameter gradients as the model's
+logits + F.cross_entropy + ntl_loss (the independent reference), and a clean install/remove."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
+from ntl_deepspeed.integrations.fused_head import FusedHeadLoss
+
+TOKENS = ["<unk>", "<s>", "</s>"] + [str(d) for d in range(10)] + [f"w{i}" for i in range(51)]
+
+
+def make_model(bias=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    if bias:  # a head with a bias exercises the bias gradient
+        head = torch.nn.Linear(32, 64, bias=True)
+        torch.nn.init.normal_(head.bias, std=0.5)
+        model.lm_head = head
+    ids = torch.randint(0, 64, (2, 12))
+    ids[:, 5:9] = torch.randint(3, 13, (2, 4))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return model, ids, labels
+
+
+def reference_loss(model, ids, labels, vocab, kind):
+    logits = model(input_ids=ids).logits
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, 64), shifted.reshape(-1))
+    return ce + 0.3 * ntl_loss(logits, shifted, vocab, kind)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind,bias,block", [("was", False, 7), ("mse", True, 64),
+                                             ("number_level", False, 1000)])
+def test_fused_head_equals_logits_path(kind, bias, block):
+    model, ids, labels = make_model(bias)
+    vocab = NumberVocab.from_tokens(TOKENS)
+    ref = reference_loss(model, ids, labels, vocab, kind)
+    ref.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+    seen = []
+    fused = FusedHeadLoss(vocab, NTLConfig(kind=kind, weight=0.3), block_size=block,
+                          on_output=seen.append).install(model)
+    out = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    assert out.logits is out.loss or out.logits.dim() == 0  # no [B, S, V] logits were made
+    out.loss.backward()
+    ours = grads(model)
+    assert ours.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(seen) == 1 and seen[0].ce.item() == pytest.approx(
+        F.cross_entropy(model(input_ids=ids).logits[:, :-1].reshape(-1, 64),
+                        labels[:, 1:].reshape(-1)).item(), rel=1e-5)
+    fused.remove()
+
+
+def test_without_labels_gives_logits_and_install_is_idempotent_and_reversible():
+    model, ids, labels = make_model()
+    vocab = NumberVocab.from_tokens(TOKENS)
+    stock_logits = model(input_ids=ids).logits
+    stock_loss = model(input_ids=ids, labels=labels).loss
+    fused = FusedHeadLoss(vocab, NTLConfig()).install(model)
+    FusedHeadLoss(vocab, NTLConfig()).install(model)  # second install: no-op
+    torch.testing.assert_close(model(input_ids=ids).logits, stock_logits)
+    by_keyword = model(input_ids=ids, labels=labels).loss
+    positional = model(ids, None, None, None, None, labels).loss  # labels found by signature
+    assert positional.dim() == 0 and positional.item() == by_keyword.item()
+    with pytest.raises(ValueError, match="hidden .* and labels .* do not match"):
+        model(input_ids=ids, labels=labels, logits_to_keep=1)
+    fused.remove()
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, stock_loss)
+    assert not hasattr(model.lm_head.forward, "__wrapped__")
