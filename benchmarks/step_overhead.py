@@ -1,4 +1,5 @@
-"""Step time of the same ZeRO-3 job with NTL off vs on (and with AutoTP 2), as ratios.
+"""Step time of the same ZeRO-3 job with NTL off vs on (and with AutoTP 2, and with the fused
+head), as ratios; peak resident memory per rank alongside.
 
 Uses Mistral's real 32000-token vocabulary so the LM head and loss have a realistic share of the
 step. Runs alternate (off, on, tp2, off, on, tp2, ...) so drift in machine load hits all alike;
@@ -21,6 +22,17 @@ MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
+def with_fused_head(config: str, tmp: str) -> str:
+    """A copy of ``config`` with ``"ntl": {"fused_head": true}``."""
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg["ntl"]["fused_head"] = True
+    path = os.path.join(tmp, "fused_" + os.path.basename(config))
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
@@ -37,17 +49,23 @@ def main():
     tok = mistral_tokenizer()
     common = ["--tokenizer", tok, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
               "--corpus-sentences", "4000"]
+    dp_config = os.path.join(ROOT, "configs", "zero3_cpu_tiny.json")
+    tp_config = os.path.join(ROOT, "configs", "zero3_cpu_autotp2.json")
     variants = {
-        "ntl_off": (os.path.join(ROOT, "configs", "zero3_cpu_tiny.json"), ["--plain-ce"]),
-        "ntl_on": (os.path.join(ROOT, "configs", "zero3_cpu_tiny.json"), []),
-        "ntl_on_autotp2": (os.path.join(ROOT, "configs", "zero3_cpu_autotp2.json"), []),
+        "ntl_off": (dp_config, ["--plain-ce"]),
+        "ntl_on": (dp_config, []),
+        "ntl_on_fused_head": (with_fused_head(dp_config, tmp), []),
+        "ntl_on_autotp2": (tp_config, []),
+        "ntl_on_autotp2_fused_head": (with_fused_head(tp_config, tmp), []),
     }
     step_times = {k: [] for k in variants}
+    peak_rss_mb = {k: 0.0 for k in variants}
     for r in range(args.rounds):
         for name, (config, extra) in variants.items():
             out = os.path.join(tmp, f"{name}_{r}")
             res = run_pretrain(out, config, model, *common, *extra)
             step_times[name] += [row["step_s"] for row in res["rows"][args.warmup:]]
+            peak_rss_mb[name] = max(peak_rss_mb[name], res["info"]["peak_rss_mb_max_rank"])
             print(name, r, f"{statistics.median(step_times[name]) * 1e3:.1f} ms/step", flush=True)
     med = {k: statistics.median(v) for k, v in step_times.items()}
     result = {
@@ -57,6 +75,10 @@ def main():
         "median_step_s": med,
         "ratio_ntl_on_vs_off": med["ntl_on"] / med["ntl_off"],
         "ratio_ntl_on_autotp2_vs_off": med["ntl_on_autotp2"] / med["ntl_off"],
+        "ratio_fused_head_vs_materialised": med["ntl_on_fused_head"] / med["ntl_on"],
+        "ratio_fused_head_vs_materialised_autotp2":
+            med["ntl_on_autotp2_fused_head"] / med["ntl_on_autotp2"],
+        "peak_rss_mb_max_rank": peak_rss_mb,
         "target": "ntl_on / ntl_off <= 1.03",
     }
     write_json(result, args.out)

@@ -1,7 +1,9 @@
 """Run a function on N real processes joined by a gloo group (CPU), failing fast on hangs."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import os
 import socket
 import time
@@ -41,3 +43,27 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0) -> None:
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"distributed test did not finish within {timeout} s")
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single",
+               "reduce", "gather", "scatter", "barrier")
+
+
+@contextlib.contextmanager
+def recorded_collectives():
+    """Yields a list that receives the name of every ``torch.distributed`` collective called
+    inside the block (the functions are wrapped, then restored)."""
+    calls, originals = [], {name: getattr(dist, name) for name in COLLECTIVES}
+    for name, fn in originals.items():
+        @functools.wraps(fn)
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            calls.append(_name)
+            return _fn(*a, **k)
+
+        setattr(dist, name, wrapped)
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

@@ -1,19 +1,15 @@
 """The vocab-parallel op on real gloo processes against the single-device reference."""
-import functools
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_utils import run_distributed
+from dist_utils import recorded_collectives, run_distributed
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss, vocab_parallel_ce_ntl
 from ntl_deepspeed.numbers import partition_bounds
 
 V = 37  # prime: uneven shards at TP 2, 3, 4
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-               "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single",
-               "reduce", "gather", "scatter", "barrier")
 
 
 def make_vocab(layout):
@@ -119,18 +115,6 @@ def test_tensor_parallel_matches_reference(world, layouts, uneven):
     run_distributed(worker_matches_reference, world, layouts, uneven)
 
 
-def counting(monkeypatch_target, counts):
-    for name in COLLECTIVES:
-        fn = getattr(dist, name)
-
-        @functools.wraps(fn)
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            counts.append(_name)
-            return _fn(*a, **k)
-
-        setattr(monkeypatch_target, name, wrapped)
-
-
 def worker_contract_and_megatron(rank, world):
     vocab = make_vocab("spread")
     start, end = partition_bounds(V, world)[rank]
@@ -138,19 +122,13 @@ def worker_contract_and_megatron(rank, world):
     broadcast_from_rank0(logits, labels, weights)
 
     # 1) exactly one MAX and one SUM all-reduce in forward, nothing in backward
-    originals = {n: getattr(dist, n) for n in COLLECTIVES}
-    counts = []
-    try:
-        counting(dist, counts)
+    with recorded_collectives() as counts:
         shard = logits[..., start:end].clone().requires_grad_()
         out = vocab_parallel_ce_ntl(shard, labels, vocab, dist.group.WORLD,
                                     NTLConfig(kind="was", reweigh=True))
         forward_calls = list(counts)
         out.loss.backward()
         backward_calls = counts[len(forward_calls):]
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
     assert forward_calls == ["all_reduce", "all_reduce"], forward_calls
     assert backward_calls == [], backward_calls
 
