@@ -88,9 +88,9 @@ def test_autotp2_x_dp2_and_cpu_offload_match_dp2(tmp_path):
                 column(metrics(tmp_path / other), key), rel=2e-4), (other, key)
 
 
-def profiled_config(tmp_path, name):
+def profiled_config(tmp_path, name, ntl=None):
     """The tiny config with DeepSpeed's flops profiler on at step 2, writing to a file."""
-    return variant(tmp_path, TINY, name, flops_profiler={
+    return variant(tmp_path, TINY, name, ntl, flops_profiler={
         "enabled": True, "profile_step": 2, "module_depth": -1, "top_modules": 1,
         "output_file": str(tmp_path / f"{name}.txt")})
 
@@ -116,6 +116,15 @@ def test_weight_zero_is_plain_cross_entropy_training_and_profiler_counts_ntl(tmp
     added = profiled_forward_flops(tmp_path / "zero.txt") - profiled_forward_flops(
         tmp_path / "plain.txt")
     assert added == pytest.approx(ce_ntl_forward_flops(8 * 65, 512, 10), abs=0.011e6)
+    # fused head: its block matmuls replace the head's linear (same flops); the only extra work
+    # the profiler sees is the number-token product, 2 x 520 tokens x 10 digits x 64 hidden
+    launch(tmp_path / "fused", "--steps", "8", "--ntl-weight", "0",
+           config=profiled_config(tmp_path, "fused", {"fused_head": True}))
+    assert column(metrics(tmp_path / "fused"), "loss") == pytest.approx(
+        column(metrics(tmp_path / "plain"), "loss"), rel=1e-5)
+    extra = profiled_forward_flops(tmp_path / "fused.txt") - profiled_forward_flops(
+        tmp_path / "zero.txt")
+    assert extra == pytest.approx(2 * 8 * 65 * 10 * 64, abs=0.011e6)
 
 
 def test_resume_continues_exactly(tmp_path):
