@@ -4,34 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
+from ntl_deepspeed import NTLConfig, NumberVocab
 from ntl_deepspeed.integrations.fused_head import FusedHeadLoss
-
-TOKENS = ["<unk>", "<s>", "</s>"] + [str(d) for d in range(10)] + [f"w{i}" for i in range(51)]
-
-
-def make_model(bias=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2))
-    if bias:  # a head with a bias exercises the bias gradient
-        head = torch.nn.Linear(32, 64, bias=True)
-        torch.nn.init.normal_(head.bias, std=0.5)
-        model.lm_head = head
-    ids = torch.randint(0, 64, (2, 12))
-    ids[:, 5:9] = torch.randint(3, 13, (2, 4))
-    labels = ids.clone()
-    labels[0, :3] = -100
-    return model, ids, labels
-
-
-def reference_loss(model, ids, labels, vocab, kind):
-    logits = model(input_ids=ids).logits
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, 64), shifted.reshape(-1))
-    return ce + 0.3 * ntl_loss(logits, shifted, vocab, kind)
+from tiny_llama import TOKENS, model_and_batch, reference_loss
 
 
 def grads(model):
@@ -41,7 +16,7 @@ def grads(model):
 @pytest.mark.parametrize("kind,bias,block", [("was", False, 7), ("mse", True, 64),
                                              ("number_level", False, 1000)])
 def test_fused_head_equals_logits_path(kind, bias, block):
-    model, ids, labels = make_model(bias)
+    model, ids, labels = model_and_batch(bias)
     vocab = NumberVocab.from_tokens(TOKENS)
     ref = reference_loss(model, ids, labels, vocab, kind)
     ref.backward()
@@ -65,7 +40,7 @@ def test_fused_head_equals_logits_path(kind, bias, block):
 
 
 def test_without_labels_gives_logits_and_install_is_idempotent_and_reversible():
-    model, ids, labels = make_model()
+    model, ids, labels = model_and_batch()
     vocab = NumberVocab.from_tokens(TOKENS)
     stock_logits = model(input_ids=ids).logits
     stock_loss = model(input_ids=ids, labels=labels).loss
