@@ -41,14 +41,14 @@ def inputs(t, h, v, rank=0, world=1):
     return vocab, hidden, weight[start:end].contiguous(), labels, start
 
 
-def step(path, vocab, hidden, weight, labels, start, group, block):
+def step(path, vocab, hidden, weight, labels, start, group, block, chunk):
     """One forward+backward; ``hidden`` and ``weight`` are fresh leaves (inputs, not measured)."""
     h, w = hidden, weight
     cfg = NTLConfig(kind="was", weight=0.3)
     t0 = time.perf_counter()
     if path == "fused":
         out = fused_linear_ce_ntl(h, w, labels, vocab, group, cfg, vocab_start_index=start,
-                                  block_size=block)
+                                  block_size=block, token_chunk=chunk)
     else:
         out = vocab_parallel_ce_ntl(h @ w.t(), labels, vocab, group, cfg,
                                     vocab_start_index=start)
@@ -56,23 +56,23 @@ def step(path, vocab, hidden, weight, labels, start, group, block):
     return time.perf_counter() - t0
 
 
-def measure(path, t, h, v, block, reps, rank=0, world=1, group=None):
+def measure(path, t, h, v, block, chunk, reps, rank=0, world=1, group=None):
     """(fastest time, peak bytes above inputs, weight-gradient bytes) in this process."""
     vocab, hidden, weight, labels, start = inputs(t, h, v, rank, world)
     def leaves(x):
         return x.clone().requires_grad_()
 
     step(path, vocab, leaves(hidden[:8]), leaves(weight), labels[:8], start, group,
-         block)  # warm-up, small
+         block, chunk)  # warm-up, small
     h, w = leaves(hidden), leaves(weight)  # the inputs exist before the loss runs
     reset_peak_rss()
     base = _status_kb("VmRSS")
-    times = [step(path, vocab, h, w, labels, start, group, block)]
+    times = [step(path, vocab, h, w, labels, start, group, block, chunk)]
     peak = _status_kb("VmHWM") - base
     del h, w
     for _ in range(reps - 1):
         times.append(step(path, vocab, leaves(hidden), leaves(weight), labels, start, group,
-                          block))
+                          block, chunk))
     return min(times), peak, weight.numel() * 4
 
 
@@ -84,8 +84,8 @@ def _tp_worker(rank, world, port, args, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))
-    t, h, v, block, reps, path = args
-    res = measure(path, t, h, v, block, reps, rank, world, dist.group.WORLD)
+    t, h, v, block, chunk, reps, path = args
+    res = measure(path, t, h, v, block, chunk, reps, rank, world, dist.group.WORLD)
     peaks = torch.tensor([float(res[1])])
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -105,16 +105,17 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--block", type=int, default=1024)
+    ap.add_argument("--token-chunk", type=int, default=2048)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_head.json"))
-    ap.add_argument("--_child", nargs=8, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=9, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
-        path, t, h, v, block, reps, world, _ = args._child
-        t, h, v, block, reps, world = map(int, (t, h, v, block, reps, world))
+        path, t, h, v, block, chunk, reps, world, _ = args._child
+        t, h, v, block, chunk, reps, world = map(int, (t, h, v, block, chunk, reps, world))
         if world == 1:
             torch.set_num_threads(2)
-            print(json.dumps(measure(path, t, h, v, block, reps)))
+            print(json.dumps(measure(path, t, h, v, block, chunk, reps)))
             return
         import tempfile
 
@@ -124,8 +125,9 @@ def main():
         from dist_utils import free_port
 
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            mp.start_processes(_tp_worker, args=(world, free_port(), (t, h, v, block, reps, path),
-                                                 tmp.name), nprocs=world, start_method="spawn")
+            job = (t, h, v, block, chunk, reps, path)
+            mp.start_processes(_tp_worker, args=(world, free_port(), job, tmp.name),
+                               nprocs=world, start_method="spawn")
             with open(tmp.name) as f:
                 print(json.dumps(json.load(f)))
         return
@@ -134,9 +136,11 @@ def main():
     cases = [(32000, 1), (128256, 1), (128256, 2)] if not args.quick else [(8000, 1), (8000, 2)]
     rows = []
     for v, world in cases:
-        row = {"T": t, "H": h, "V": v, "tp": world, "block": args.block}
+        row = {"T": t, "H": h, "V": v, "tp": world, "block": args.block,
+               "token_chunk": args.token_chunk}
         for path in ("materialised", "fused"):
-            sec, peak, wgrad = run_child([path, t, h, v, args.block, args.reps, world, 0])
+            sec, peak, wgrad = run_child([path, t, h, v, args.block, args.token_chunk, args.reps,
+                                         world, 0])
             row[path] = {"time_s": sec, "peak_bytes": peak, "weight_grad_bytes": wgrad}
         m, f = row["materialised"], row["fused"]
         row["memory_ratio_fused_vs_materialised"] = f["peak_bytes"] / m["peak_bytes"]

@@ -59,7 +59,8 @@ def variant(tmp_path, base, name, ntl=None, **top):
 
 
 def test_dp2_autotp2_and_fused_head_same_losses_and_loss_decreases(tmp_path):
-    fused = {"fused_head": True, "fused_block_size": 100}  # 512-row head: 6 blocks, last short
+    # 512-row head: 6 vocab blocks (last short); 8 x 65 tokens: 3 token chunks (last short)
+    fused = {"fused_head": True, "fused_block_size": 100, "fused_token_chunk": 200}
     runs = {"dp": TINY, "tp": AUTOTP,  # AutoTP micro-batch 16 = DP 2 x 8
             "dp_fused": variant(tmp_path, TINY, "dp_fused", fused),
             "tp_fused": variant(tmp_path, AUTOTP, "tp_fused", fused)}

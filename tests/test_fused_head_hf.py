@@ -13,9 +13,9 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,bias,block", [("was", False, 7), ("mse", True, 64),
-                                             ("number_level", False, 1000)])
-def test_fused_head_equals_logits_path(kind, bias, block):
+@pytest.mark.parametrize("kind,bias,block,chunk", [("was", False, 7, 5), ("mse", True, 64, 2048),
+                                                   ("number_level", False, 1000, 9)])
+def test_fused_head_equals_logits_path(kind, bias, block, chunk):
     model, ids, labels = model_and_batch(bias)
     vocab = NumberVocab.from_tokens(TOKENS)
     ref = reference_loss(model, ids, labels, vocab, kind)
@@ -24,6 +24,7 @@ def test_fused_head_equals_logits_path(kind, bias, block):
     model.zero_grad()
     seen = []
     fused = FusedHeadLoss(vocab, NTLConfig(kind=kind, weight=0.3), block_size=block,
+                          token_chunk=chunk,
                           on_output=seen.append).install(model)
     out = model(input_ids=ids, labels=labels)
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ def make_case(seed, dtype=torch.float32):
     return vocab, hidden.to(dtype), weight.to(dtype), bias.to(dtype), labels
 
 
-def check(rank, world, bounds, dtype, tol, block):
+def check(rank, world, bounds, dtype, tol, block, token_chunk=2048):
     group = dist.group.WORLD if world > 1 else None
     start, end = bounds[rank]
     for seed, cfg in enumerate(CONFIGS):
@@ -40,7 +40,8 @@ def check(rank, world, bounds, dtype, tol, block):
             w1 = weight[start:end].clone().requires_grad_()
             b1 = bias[start:end].clone().requires_grad_() if with_bias else None
             fused = fused_linear_ce_ntl(h1, w1, labels, vocab, group, cfg, bias=b1,
-                                        vocab_start_index=start, block_size=block)
+                                        vocab_start_index=start, block_size=block,
+                                        token_chunk=token_chunk)
             fused.loss.backward()
             # the unsharded, materialised path on one process (fp32)
             h2 = hidden.float().clone().requires_grad_()
@@ -66,14 +67,16 @@ def check(rank, world, bounds, dtype, tol, block):
 
 def test_single_device_fp32_and_bf16():
     check(0, 1, [(0, V)], torch.float32, 1e-5, block=8)
+    check(0, 1, [(0, V)], torch.float32, 1e-5, block=8, token_chunk=5)  # 24 tokens: 5,..,5,4
     check(0, 1, [(0, V)], torch.bfloat16, 2e-2, block=16)
+    check(0, 1, [(0, V)], torch.bfloat16, 2e-2, block=16, token_chunk=7)
 
 
 def worker(rank, world, uneven):
     bounds = partition_bounds(V, world)
     if uneven:
         bounds = [(0, 5), (5, 30), (30, V)][:world]
-    check(rank, world, bounds, torch.float32, 1e-5, block=8)
+    check(rank, world, bounds, torch.float32, 1e-5, block=8, token_chunk=7)
     # the collective contract: 2 all-reduces in forward, none in backward
     vocab, hidden, weight, _, labels = make_case(0)
     start, end = bounds[rank]
@@ -99,3 +102,5 @@ def test_bad_shapes():
         fused_linear_ce_ntl(hidden[:, :3], weight, labels, vocab)
     with pytest.raises(ValueError, match="block_size=0"):
         fused_linear_ce_ntl(hidden, weight, labels, vocab, block_size=0)
+    with pytest.raises(ValueError, match="token_chunk=0"):
+        fused_linear_ce_ntl(hidden, weight, labels, vocab, token_chunk=0)

@@ -26,6 +26,7 @@ class NTLSection(BaseModel):
     check_finite: bool = False
     fused_head: bool = Field(False, description="lm_head + loss without materialised logits")
     fused_block_size: int = Field(1024, ge=1, description="vocab columns per fused-head block")
+    fused_token_chunk: int = Field(2048, ge=1, description="tokens per fused-head chunk")
 
     @field_validator("squash_factor")
     @classmethod

@@ -145,6 +145,7 @@ class Trainer:
                           check_finite=ntl.check_finite)
             if ntl.fused_head:  # the loss runs inside lm_head, where ZeRO-3 gathers its weight
                 FusedHeadLoss(vocab, ntl.to_ntl_config(), block_size=ntl.fused_block_size,
+                              token_chunk=ntl.fused_token_chunk,
                               **common).install(engine.module)
             else:
                 engine.module.loss_function = make_causal_lm_loss(vocab, ntl.to_ntl_config(),

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..config import NTLConfig
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
-from ..ops.fused_linear import DEFAULT_BLOCK, fused_linear_ce_ntl
+from ..ops.fused_linear import DEFAULT_BLOCK, DEFAULT_TOKEN_CHUNK, fused_linear_ce_ntl
 from .hf_loss import check_ignore_index, local_number_count, shift_left
 from .flops import record_ce_ntl_flops
 
@@ -68,14 +68,15 @@ class FusedHeadLoss:
 
     def __init__(self, vocab: NumberVocab, config: NTLConfig, tp_group=None,
                  vocab_start_index: Optional[int] = None, dp_group=None,
-                 block_size: int = DEFAULT_BLOCK,
+                 block_size: int = DEFAULT_BLOCK, token_chunk: int = DEFAULT_TOKEN_CHUNK,
                  on_output: Optional[Callable[[CENTLOutput], None]] = None,
                  check_finite: bool = False):
-        if block_size < 1:
-            raise ValueError(f"block_size={block_size} must be >= 1")
+        if block_size < 1 or token_chunk < 1:
+            raise ValueError(f"block_size={block_size} and token_chunk={token_chunk} must be "
+                             ">= 1")
         self.vocab, self.config, self.tp_group = vocab, config, tp_group
-        self.vocab_start_index, self.dp_group, self.block_size = vocab_start_index, dp_group, \
-            block_size
+        self.vocab_start_index, self.dp_group = vocab_start_index, dp_group
+        self.block_size, self.token_chunk = block_size, token_chunk
         self.on_output, self.check_finite = on_output, check_finite
         self._labels = None        # (labels, shift_labels) of the running forward
         self._head_returned_loss = False
@@ -138,7 +139,8 @@ class FusedHeadLoss:
         out = fused_linear_ce_ntl(hidden, head.weight, shift_labels, self.vocab, self.tp_group,
                                   self.config, bias=getattr(head, "bias", None),
                                   vocab_start_index=self.vocab_start_index,
-                                  block_size=self.block_size, dp_group=self.dp_group,
+                                  block_size=self.block_size, token_chunk=self.token_chunk,
+                                  dp_group=self.dp_group,
                                   check_finite=self.check_finite)
         width = head.weight.shape[0]
         record_ce_ntl_flops(shift_labels.numel(), width,

@@ -20,12 +20,13 @@ from ..numbers import NumberVocab
 from .vocab_parallel import (_group_size_rank, combine_statistics, gradient_terms, label_rows,
                              make_spec, shard_bounds)
 
-DEFAULT_BLOCK = 1024  # vocab columns per block
+DEFAULT_BLOCK = 1024        # vocab columns per block
+DEFAULT_TOKEN_CHUNK = 2048  # tokens per chunk: work buffers are [chunk, block] and [chunk, H]
 
 
-def _blocks(width: int, block: int):
-    for c0 in range(0, width, block):
-        yield c0, min(width, c0 + block)
+def _spans(length: int, step: int):
+    for i0 in range(0, length, step):
+        yield i0, min(length, i0 + step)
 
 
 def _logits(h32, weight, bias, c0, c1):
@@ -40,32 +41,42 @@ class FusedLinearCENTL(torch.autograd.Function):
     core op's 2 all-reduces (one MAX, one SUM); backward none. The hidden-state gradient is this
     rank's partial sum over its vocab slice: as with Megatron's ColumnParallelLinear, the layer
     that produced ``hidden`` (its TP copy/region op) all-reduces it in its own backward.
-    Peak extra memory: one ``[T, block]`` fp32 block (twice in backward) + ``O(T x (H + N))``.
+    Work memory: tokens go in chunks of ``token_chunk``, the vocab in blocks of ``block``: one
+    ``[chunk, block]`` fp32 block (twice in backward), ``[chunk, H]`` fp32 for the chunk's
+    hidden states and their gradient, ``O(T x N_local)`` for the number logits.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels1d, values, number_ids, number_values, spec,
-                group, block):
-        h32 = hidden.float()
+                group, block, token_chunk):
+        tokens = hidden.shape[0]
         rows = label_rows(labels1d, values, spec, weight.shape[0])
-        lse_local = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
-        nonfinite = 0.0
-        for c0, c1 in _blocks(weight.shape[0], block):
-            z = _logits(h32, weight, bias, c0, c1)
-            if spec.check_finite:
-                nonfinite += float((~torch.isfinite(z)).sum())
-            lse_local = torch.logaddexp(lse_local, torch.logsumexp(z, -1))
         w_num = weight.index_select(0, number_ids).float()
-        zn = h32 @ w_num.t()
-        w_label = weight.index_select(0, rows.target_local).float()
-        target = (h32 * w_label).sum(-1)
-        if bias is not None:
-            zn = zn + bias.index_select(0, number_ids).float()
-            target = target + bias.index_select(0, rows.target_local).float()
+        b_num = None if bias is None else bias.index_select(0, number_ids).float()
+        lse_local = torch.empty(tokens, device=hidden.device)
+        zn = torch.empty(tokens, number_ids.numel(), device=hidden.device)
+        target = torch.empty(tokens, device=hidden.device)
+        nonfinite = 0.0
+        for t0, t1 in _spans(tokens, token_chunk):
+            h32 = hidden[t0:t1].float()
+            lse = torch.full((t1 - t0,), float("-inf"), device=hidden.device)
+            for c0, c1 in _spans(weight.shape[0], block):
+                z = _logits(h32, weight, bias, c0, c1)
+                if spec.check_finite:
+                    nonfinite += float((~torch.isfinite(z)).sum())
+                lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
+            lse_local[t0:t1] = lse
+            torch.mm(h32, w_num.t(), out=zn[t0:t1])
+            cols = rows.target_local[t0:t1]
+            target[t0:t1] = (h32 * weight.index_select(0, cols).float()).sum(-1)
+            if bias is not None:
+                zn[t0:t1] += b_num
+                target[t0:t1] += bias.index_select(0, cols).float()
         target = torch.where(rows.in_shard, target, torch.zeros_like(target))
         outputs, stats = combine_statistics(lse_local, zn, target, rows, number_values, spec,
                                             group, nonfinite, values.numel())
-        ctx.spec, ctx.rows, ctx.block, ctx.has_bias = spec, rows, block, bias is not None
+        ctx.spec, ctx.rows, ctx.has_bias = spec, rows, bias is not None
+        ctx.block, ctx.token_chunk = block, token_chunk
         ctx.save_for_backward(hidden, weight, bias if bias is not None else hidden.new_empty(0),
                               number_ids, number_values, zn, *stats)
         ctx.mark_non_differentiable(outputs[-1])
@@ -78,47 +89,61 @@ class FusedLinearCENTL(torch.autograd.Function):
         rows, spec = ctx.rows, ctx.spec
         terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, number_values, stats,
                                spec)
-        h32 = hidden.float()
         sign = torch.where(terms.negative, -1.0, 1.0).unsqueeze(1)
         any_negative = bool(terms.negative.any())
-        d_hidden = torch.zeros_like(h32)
+        shift = terms.shift.unsqueeze(1)
+        # the block loop treats every column alike; number columns get number_grad and the
+        # label column also -g_ce, as corrections after it
+        corr_n = terms.number_grad - torch.exp(zn - shift) * sign
+        w_num = weight.index_select(0, number_ids).float()
+        d_hidden = torch.empty_like(hidden)
         d_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         d_bias = None if bias is None else torch.empty(bias.shape, dtype=torch.float32,
                                                        device=bias.device)
-        shift = terms.shift.unsqueeze(1)
-        for c0, c1 in _blocks(weight.shape[0], ctx.block):
-            g = _logits(h32, weight, bias, c0, c1).sub_(shift).exp_()
-            if any_negative:
-                g.mul_(sign)
-            d_hidden.addmm_(g, weight[c0:c1].float())
-            torch.mm(g.t(), h32, out=d_weight[c0:c1])
-            if d_bias is not None:
-                torch.sum(g, 0, out=d_bias[c0:c1])
-        # corrections: number columns hold number_grad, the label column also has -g_ce
-        base_n = torch.exp(zn - shift) * sign
-        corr_n = terms.number_grad - base_n
-        d_hidden.addmm_(corr_n, weight.index_select(0, number_ids).float())
-        d_weight.index_add_(0, number_ids, corr_n.t() @ h32)
-        hit = torch.nonzero(rows.in_shard).squeeze(1)
-        cols, minus = rows.target_local[hit], -terms.g_ce[hit]
-        d_hidden.index_add_(0, hit, minus.unsqueeze(1) * weight.index_select(0, cols).float())
-        d_weight.index_add_(0, cols, minus.unsqueeze(1) * h32[hit])
+        in_place = hidden.dtype == torch.float32  # accumulate straight into the output
+        for t0, t1 in _spans(max(hidden.shape[0], 1), ctx.token_chunk):  # >= 1 pass: writes dW
+            h32 = hidden[t0:t1].float()
+            dh = d_hidden[t0:t1].zero_() if in_place else torch.zeros_like(h32)
+            for c0, c1 in _spans(weight.shape[0], ctx.block):
+                g = _logits(h32, weight, bias, c0, c1).sub_(shift[t0:t1]).exp_()
+                if any_negative:
+                    g.mul_(sign[t0:t1])
+                dh.addmm_(g, weight[c0:c1].float())
+                if t0 == 0:  # the first chunk writes, later ones accumulate
+                    torch.mm(g.t(), h32, out=d_weight[c0:c1])
+                    if d_bias is not None:
+                        torch.sum(g, 0, out=d_bias[c0:c1])
+                else:
+                    d_weight[c0:c1].addmm_(g.t(), h32)
+                    if d_bias is not None:
+                        d_bias[c0:c1] += g.sum(0)
+            dh.addmm_(corr_n[t0:t1], w_num)
+            d_weight.index_add_(0, number_ids, corr_n[t0:t1].t() @ h32)
+            hit = torch.nonzero(rows.in_shard[t0:t1]).squeeze(1)
+            cols, minus = rows.target_local[t0:t1][hit], -terms.g_ce[t0:t1][hit]
+            dh.index_add_(0, hit, minus.unsqueeze(1) * weight.index_select(0, cols).float())
+            d_weight.index_add_(0, cols, minus.unsqueeze(1) * h32[hit])
+            if not in_place:
+                d_hidden[t0:t1] = dh
         if d_bias is not None:
+            hit = torch.nonzero(rows.in_shard).squeeze(1)
             d_bias.index_add_(0, number_ids, corr_n.sum(0))
-            d_bias.index_add_(0, cols, minus)
+            d_bias.index_add_(0, rows.target_local[hit], -terms.g_ce[hit])
             d_bias = d_bias.to(bias.dtype)
-        return (d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias, None, None, None,
-                None, None, None, None)
+        return (d_hidden, d_weight.to(weight.dtype), d_bias, None, None, None, None, None, None,
+                None, None)
 
 
 def fused_linear_ce_ntl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         number_vocab: NumberVocab, tp_group=None,
                         config: Optional[NTLConfig] = None, *, bias: Optional[torch.Tensor] = None,
                         vocab_start_index: Optional[int] = None, block_size: int = DEFAULT_BLOCK,
+                        token_chunk: int = DEFAULT_TOKEN_CHUNK,
                         loss_weights: Optional[torch.Tensor] = None, reduction: str = "mean",
                         dp_group=None, check_finite: bool = False, **overrides) -> CENTLOutput:
     """:func:`~ntl_deepspeed.vocab_parallel_ce_ntl` of ``hidden @ weight.T + bias`` without the
-    logits: ``hidden`` [..., H], ``weight`` this rank's ``[V_local, H]`` rows of the head."""
+    logits: ``hidden`` [..., H], ``weight`` this rank's ``[V_local, H]`` rows of the head.
+    Tokens are processed ``token_chunk`` at a time, the vocab ``block_size`` columns at a time."""
     import dataclasses
 
     config = dataclasses.replace(config or NTLConfig(), **overrides)
@@ -129,8 +154,8 @@ def fused_linear_ce_ntl(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         raise ValueError(f"weight {tuple(weight.shape)} must be [V_local, {hidden.shape[-1]}]")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size} must be >= 1")
+    if block_size < 1 or token_chunk < 1:
+        raise ValueError(f"block_size={block_size} and token_chunk={token_chunk} must be >= 1")
     check_shapes(hidden.new_empty(*labels.shape, 0), labels, loss_weights, reduction)
     check_labels(labels, number_vocab.vocab_size, config.ignore_index)
     width = weight.shape[0]
@@ -150,6 +175,6 @@ def fused_linear_ce_ntl(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         number_ids, number_values = number_ids[keep], number_values[keep]
     outs = FusedLinearCENTL.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                   labels.reshape(-1).long(), values, number_ids, number_values,
-                                  spec, tp_group, block_size)
+                                  spec, tp_group, block_size, token_chunk)
     per_token = tuple(o.view(labels.shape) for o in outs)
     return finish(per_token, labels, number_vocab, config, loss_weights, reduction, dp_group)
