@@ -79,6 +79,19 @@ def test_dp2_autotp2_and_fused_head_same_losses_and_loss_decreases(tmp_path):
     assert os.path.exists(tmp_path / "dp" / "checkpoints" / "latest")
 
 
+def test_fused_head_in_bf16_matches_materialised_head(tmp_path):
+    # bf16 model: the fused head computes fp32 logits from bf16 hidden/weight, the materialised
+    # head rounds its logits to bf16 first, so the two agree to bf16-rounding level only
+    runs = {"mat": variant(tmp_path, TINY, "mat", bf16={"enabled": True}),
+            "fused": variant(tmp_path, TINY, "fused", {"fused_head": True},
+                             bf16={"enabled": True})}
+    for name, config in runs.items():
+        launch(tmp_path / name, "--steps", "8", config=config)
+    for key in ("loss", "ce", "ntl"):
+        assert column(metrics(tmp_path / "fused"), key) == pytest.approx(
+            column(metrics(tmp_path / "mat"), key), rel=1e-3), key
+
+
 def test_autotp2_x_dp2_and_cpu_offload_match_dp2(tmp_path):
     launch(tmp_path / "dp", "--steps", "4")
     launch(tmp_path / "tpdp", "--steps", "4", config=AUTOTP_DP, ranks=4)
