@@ -13,10 +13,13 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,bias,block,chunk", [("was", False, 7, 5), ("mse", True, 64, 2048),
-                                                   ("number_level", False, 1000, 9)])
-def test_fused_head_equals_logits_path(kind, bias, block, chunk):
-    model, ids, labels = model_and_batch(bias)
+@pytest.mark.parametrize("kind,bias,tied,block,chunk", [
+    ("was", False, False, 7, 5), ("mse", True, False, 64, 2048),
+    ("number_level", False, False, 1000, 9),
+    ("was", False, True, 16, 11)])  # head tied to the embedding: both gradients meet
+def test_fused_head_equals_logits_path(kind, bias, tied, block, chunk):
+    model, ids, labels = model_and_batch(bias, tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     vocab = NumberVocab.from_tokens(TOKENS)
     ref = reference_loss(model, ids, labels, vocab, kind)
     ref.backward()

@@ -9,12 +9,13 @@ TOKENS = ["<unk>", "<s>", "</s>"] + [str(d) for d in range(10)] + [f"w{i}" for i
 VOCAB = len(TOKENS)
 
 
-def model_and_batch(head_bias: bool = False):
+def model_and_batch(head_bias: bool = False, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2))
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         tie_word_embeddings=tied))
     if head_bias:
         model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
         torch.nn.init.normal_(model.lm_head.bias, std=0.5)
