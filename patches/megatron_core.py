@@ -66,19 +66,22 @@ def _tp_group(module, kwargs):
     return group if torch.distributed.get_world_size(group) > 1 else None
 
 
-def _called_from_mtp() -> bool:
-    """GPTModel's MTP loop calls the same method; its frame holds ``mtp_layer_number``."""
-    return "mtp_layer_number" in sys._getframe(2).f_locals
+def _called_from_mtp(logits) -> bool:
+    """GPTModel's MTP loop calls the same method with its local ``mtp_logits``. (The loop
+    variable ``mtp_layer_number`` stays in the frame after the loop, so it cannot tell the
+    main head's later call apart.)"""
+    return sys._getframe(2).f_locals.get("mtp_logits") is logits
 
 
 def _patched(self, labels, logits, *args, **kwargs):
     state, original = _state, _original()
-    if state is None or not state.config.enabled or (_called_from_mtp() and not state.include_mtp):
+    from_mtp = _called_from_mtp(logits)
+    if state is None or not state.config.enabled or (from_mtp and not state.include_mtp):
         return original(self, labels, logits, *args, **kwargs)
     tp_group = _tp_group(self, kwargs)
     out = vocab_parallel_ce_ntl(logits, labels.transpose(0, 1).contiguous(), state.vocab,
                                 tp_group, state.config, reduction="none")
-    if not _called_from_mtp():
+    if not from_mtp:
         state.last_ntl = out.ntl.detach().transpose(0, 1)
         state.last_mask = out.number_label_mask.transpose(0, 1)
     return out.loss.transpose(0, 1).contiguous()

@@ -21,17 +21,21 @@ def cpu_shims():
     mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
-def build_model(seed=0):
+def build_model(seed=0, mtp_layers=None):
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                          get_gpt_mtp_block_spec)
     from megatron.core.transformer import TransformerConfig
 
     torch.manual_seed(seed)
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
                             use_cpu_initialization=True, perform_initialization=True,
-                            params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
-    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
-                    vocab_size=VOCAB, max_sequence_length=16, parallel_output=True)
+                            params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+                            mtp_num_layers=mtp_layers)
+    spec = get_gpt_layer_local_spec()
+    mtp = None if mtp_layers is None else get_gpt_mtp_block_spec(cfg, spec, False)
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
+                    max_sequence_length=16, parallel_output=True, mtp_block_spec=mtp)
 
 
 def batch(seed=1, b=2, s=12):
@@ -96,6 +100,39 @@ def worker(rank, world, kind):
 @pytest.mark.parametrize("kind", ["was", "mse"])
 def test_patched_gpt_model_tp2_equals_reference(kind):
     run_distributed(worker, 2, kind, timeout=400)
+
+
+def worker_mtp(rank, world):
+    """With Multi-Token Prediction the main head must still get CE + NTL (MTP heads: CE)."""
+    from megatron.core import parallel_state
+
+    import ntl_deepspeed.patches.megatron_core as patch
+
+    cpu_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        vocab = NumberVocab.from_tokens(TOKENS)
+        ids, pos, causal, labels = batch()
+        model = build_model(mtp_layers=1)
+        head_outputs = []  # MTP calls the output layer first, the main head last; copies, as
+        model.output_layer.register_forward_hook(  # Megatron's CE overwrites the logits
+            lambda m, i, o: head_outputs.append(o[0].detach().clone()))
+        plain_ce = model(ids, pos, causal, labels=labels).detach()  # Megatron's own CE
+        main_logits = head_outputs[-1].transpose(0, 1)                # [b, s, V]
+        torch.testing.assert_close(plain_ce, F.cross_entropy(
+            main_logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none").view(
+                labels.shape), rtol=1e-5, atol=1e-5)
+        ref = plain_ce + 0.3 * ntl_loss(main_logits, labels, vocab, "was", reduction="none")
+        patch.apply(vocab, NTLConfig(kind="was", weight=0.3))
+        loss = model(ids, pos, causal, labels=labels)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        patch.remove()
+        parallel_state.destroy_model_parallel()
+
+
+def test_main_head_gets_ntl_with_multi_token_prediction():
+    run_distributed(worker_mtp, 1, timeout=300)
 
 
 def test_missing_symbol_is_named(monkeypatch):
