@@ -21,7 +21,7 @@ def cpu_shims():
     mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
-def build_model(seed=0, mtp_layers=None):
+def build_model(seed=0, mtp_layers=None, share=False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_mtp_block_spec)
@@ -35,7 +35,8 @@ def build_model(seed=0, mtp_layers=None):
     spec = get_gpt_layer_local_spec()
     mtp = None if mtp_layers is None else get_gpt_mtp_block_spec(cfg, spec, False)
     return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
-                    max_sequence_length=16, parallel_output=True, mtp_block_spec=mtp)
+                    max_sequence_length=16, parallel_output=True, mtp_block_spec=mtp,
+                    share_embeddings_and_output_weights=share)
 
 
 def batch(seed=1, b=2, s=12):
@@ -49,7 +50,11 @@ def batch(seed=1, b=2, s=12):
     return ids, pos, causal, labels
 
 
-def worker(rank, world, kind):
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def worker(rank, world, kind, share):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -63,33 +68,47 @@ def worker(rank, world, kind):
         ids, pos, causal, labels = batch()
 
         # reference: unpatched model -> gathered full logits -> F.cross_entropy + 0.3 * ntl_loss
-        model = build_model()
+        model = build_model(share=share)
         local = model(ids, pos, causal)  # [b, s, V/tp]
         full = gather_from_tensor_model_parallel_region(local)
         ce = F.cross_entropy(full.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
         ref = ce.view(labels.shape) + 0.3 * ntl_loss(full, labels, vocab, kind, reduction="none")
         ref.sum().backward()
-        ref_grad = model.output_layer.weight.grad.clone()
+        ref_grads = grads(model)
 
-        patch.apply(vocab, cfg)
-        patch.apply(vocab, cfg)  # twice: a no-op
-        from megatron.core.models.common.language_module.language_module import LanguageModule
+        fused_calls = []
+        real_fused = patch.fused_linear_ce_ntl
+        patch.fused_linear_ce_ntl = lambda *a, **k: fused_calls.append(1) or real_fused(*a, **k)
+        for fused in (False, True):  # materialised logits, then the fused output layer
+            patch.apply(vocab, cfg, fused_head=fused, block_size=5, token_chunk=7)
+            patch.apply(vocab, cfg, fused_head=fused, block_size=5, token_chunk=7)  # no-op
+            from megatron.core.models.common.language_module.language_module import \
+                LanguageModule
 
-        assert LanguageModule.compute_language_model_loss.__wrapped__.__name__ == \
-            "compute_language_model_loss"
-        model = build_model()
-        loss = model(ids, pos, causal, labels=labels)  # [b, s] per-token loss
-        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
-        loss.sum().backward()
-        torch.testing.assert_close(model.output_layer.weight.grad, ref_grad, rtol=1e-4,
-                                   atol=1e-6)
-        entry = patch.report_entry(torch.ones_like(labels, dtype=torch.float32))
-        number_labels = (labels >= 4) & (labels < 14)
-        assert entry[1].item() == number_labels.sum().item()
+            assert LanguageModule.compute_language_model_loss.__wrapped__.__name__ == \
+                "compute_language_model_loss"
+            model = build_model(share=share)
+            loss = model(ids, pos, causal, labels=labels)  # [b, s] per-token loss
+            torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
+            loss.sum().backward()
+            got = grads(model)
+            assert got.keys() == ref_grads.keys()
+            for name, g in ref_grads.items():  # every parameter: the TP hidden-grad reduction
+                torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+            entry = patch.report_entry(torch.ones_like(labels, dtype=torch.float32))
+            number_labels = (labels >= 4) & (labels < 14)
+            assert entry[1].item() == number_labels.sum().item()
+            logits = model(ids, pos, causal)  # no labels: the output layer gives logits
+            assert logits.shape == (*labels.shape, VOCAB // world)
+            assert len(fused_calls) == int(fused), fused_calls
+        patch.fused_linear_ce_ntl = real_fused
 
         patch.remove()
         assert not patch.is_applied()
-        model = build_model()
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        assert not hasattr(GPTModel._postprocess, "__wrapped__")
+        model = build_model(share=share)
         plain = model(ids, pos, causal, labels=labels)
         torch.testing.assert_close(plain, ce.view(labels.shape).detach(), rtol=1e-5, atol=1e-5)
     finally:
@@ -97,9 +116,9 @@ def worker(rank, world, kind):
         parallel_state.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("kind", ["was", "mse"])
-def test_patched_gpt_model_tp2_equals_reference(kind):
-    run_distributed(worker, 2, kind, timeout=400)
+@pytest.mark.parametrize("kind,share", [("was", False), ("mse", True)])
+def test_patched_gpt_model_tp2_equals_reference(kind, share):
+    run_distributed(worker, 2, kind, share, timeout=400)
 
 
 def worker_mtp(rank, world):
@@ -123,9 +142,12 @@ def worker_mtp(rank, world):
             main_logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none").view(
                 labels.shape), rtol=1e-5, atol=1e-5)
         ref = plain_ce + 0.3 * ntl_loss(main_logits, labels, vocab, "was", reduction="none")
-        patch.apply(vocab, NTLConfig(kind="was", weight=0.3))
-        loss = model(ids, pos, causal, labels=labels)
-        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        for fused in (False, True):  # fused: the main head only, MTP heads keep their logits
+            patch.apply(vocab, NTLConfig(kind="was", weight=0.3), fused_head=fused)
+            head_outputs.clear()
+            loss = model(ids, pos, causal, labels=labels)
+            torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+            assert head_outputs[-1].shape == ((12, 2) if fused else (12, 2, VOCAB))
     finally:
         patch.remove()
         parallel_state.destroy_model_parallel()
