@@ -164,3 +164,24 @@ def test_missing_symbol_is_named(monkeypatch):
     monkeypatch.delattr(language_module.LanguageModule, "compute_language_model_loss")
     with pytest.raises(AttributeError, match="LanguageModule.compute_language_model_loss"):
         patch.apply(NumberVocab.from_tokens(TOKENS))
+
+
+def test_megatron_lm_arguments_configure_the_patch(mistral_model_path):
+    import argparse
+
+    import ntl_deepspeed.patches.megatron_core as patch
+
+    parser = patch.add_ntl_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--ntl-tokenizer", mistral_model_path, "--ntl-kind", "mse",
+                              "--ntl-weight", "0.5", "--ntl-fused-head",
+                              "--ntl-fused-block-size", "256", "--ntl-fused-token-chunk", "512"])
+    args.padded_vocab_size = 32768
+    try:
+        vocab = patch.apply_from_args(args)
+        assert (vocab.vocab_size, vocab.number_ids.numel()) == (32768, 10)
+        state = patch._state
+        assert (state.config.kind, state.config.weight, state.fused_head, state.block_size,
+                state.token_chunk) == ("mse", 0.5, True, 256, 512)
+        assert patch.is_applied()
+    finally:
+        patch.remove()
