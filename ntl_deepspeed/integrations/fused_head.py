@@ -102,9 +102,9 @@ class FusedHeadLoss:
             return output
 
         def fused_forward(hidden, *args, **kwargs):
-            if self._labels is None or self._labels == (None, None):
+            labels, shift_labels = self._labels or (None, None)
+            if labels is None and shift_labels is None:  # generation / eval: logits
                 return original(hidden, *args, **kwargs)
-            labels, shift_labels = self._labels
             self._labels = None  # one loss per model forward
             loss = self._loss(head, hidden, labels, shift_labels)
             self._head_returned_loss = True
