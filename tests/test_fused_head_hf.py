@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ntl_deepspeed import NTLConfig, NumberVocab
+from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
 from ntl_deepspeed.integrations.fused_head import FusedHeadLoss
 from tiny_llama import TOKENS, model_and_batch, reference_loss
 
@@ -59,3 +59,29 @@ def test_without_labels_gives_logits_and_install_is_idempotent_and_reversible():
     fused.remove()
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, stock_loss)
     assert not hasattr(model.lm_head.forward, "__wrapped__")
+
+
+@pytest.mark.parametrize("path", ["logits", "fused"])
+def test_num_items_in_batch_follows_transformers_accumulation_convention(path):
+    """HF Trainer passes num_items_in_batch (valid tokens of the whole accumulated batch) and
+    then does not divide by the accumulation steps: the loss must be sum / num_items."""
+    import ntl_deepspeed.patches.transformers as patch
+
+    model, ids, labels = model_and_batch()
+    vocab = NumberVocab.from_tokens(TOKENS)
+    logits = model(input_ids=ids).logits
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    n_items = 50  # e.g. this micro-batch's 19 valid tokens + the next micro-batch's
+    ref = (F.cross_entropy(logits.reshape(-1, 64), shifted.reshape(-1), reduction="sum")
+           + 0.3 * ntl_loss(logits, shifted, vocab, "was", reduction="sum")) / n_items
+    if path == "fused":
+        undo = FusedHeadLoss(vocab, NTLConfig(weight=0.3)).install(model).remove
+    else:
+        patch.apply(vocab, NTLConfig(weight=0.3), model=model)
+        undo = lambda: patch.remove(model)  # noqa: E731
+    try:
+        for n in (n_items, torch.tensor(n_items)):
+            loss = model(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+            torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    finally:
+        undo()

@@ -23,7 +23,8 @@ from ..config import NTLConfig
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
 from ..ops.fused_linear import DEFAULT_BLOCK, DEFAULT_TOKEN_CHUNK, fused_linear_ce_ntl
-from .hf_loss import check_ignore_index, local_number_count, shift_left
+from .hf_loss import (check_ignore_index, local_number_count, reduction_for, scaled_loss,
+                      shift_left)
 from .flops import record_ce_ntl_flops
 
 _MARK = "__ntl_fused_head__"
@@ -46,14 +47,15 @@ class _AllReduceGradOverTP(torch.autograd.Function):
 
 
 def _labels_argument(forward) -> Callable:
-    """``(args, kwargs) -> (labels, shift_labels)`` for the model's forward signature."""
+    """``(args, kwargs) -> (labels, shift_labels, num_items_in_batch)`` for the model's forward
+    signature."""
     signature = inspect.signature(forward)
 
     def find(args, kwargs):
-        if "labels" in kwargs or not args:
-            return kwargs.get("labels"), kwargs.get("shift_labels")
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        return bound.get("labels"), kwargs.get("shift_labels")
+        labels = kwargs.get("labels")
+        if labels is None and args:
+            labels = signature.bind_partial(*args, **kwargs).arguments.get("labels")
+        return labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch")
 
     return find
 
@@ -78,7 +80,7 @@ class FusedHeadLoss:
         self.vocab_start_index, self.dp_group = vocab_start_index, dp_group
         self.block_size, self.token_chunk = block_size, token_chunk
         self.on_output, self.check_finite = on_output, check_finite
-        self._labels = None        # (labels, shift_labels) of the running forward
+        self._labels = None  # (labels, shift_labels, num_items_in_batch) of the running forward
         self._head_returned_loss = False
         self._handles, self._model, self._head = [], None, None
 
@@ -102,11 +104,11 @@ class FusedHeadLoss:
             return output
 
         def fused_forward(hidden, *args, **kwargs):
-            labels, shift_labels = self._labels or (None, None)
+            labels, shift_labels, num_items = self._labels or (None, None, None)
             if labels is None and shift_labels is None:  # generation / eval: logits
                 return original(hidden, *args, **kwargs)
             self._labels = None  # one loss per model forward
-            loss = self._loss(head, hidden, labels, shift_labels)
+            loss = self._loss(head, hidden, labels, shift_labels, num_items)
             self._head_returned_loss = True
             return loss
 
@@ -130,7 +132,7 @@ class FusedHeadLoss:
         self._handles, self._model, self._head = [], None, None
 
     # ------------------------------------------------------------------ the loss
-    def _loss(self, head, hidden, labels, shift_labels):
+    def _loss(self, head, hidden, labels, shift_labels, num_items_in_batch):
         if shift_labels is None:
             shift_labels = shift_left(labels, self.config.ignore_index)
         shift_labels = shift_labels.to(hidden.device)
@@ -140,14 +142,14 @@ class FusedHeadLoss:
                                   self.config, bias=getattr(head, "bias", None),
                                   vocab_start_index=self.vocab_start_index,
                                   block_size=self.block_size, token_chunk=self.token_chunk,
-                                  dp_group=self.dp_group,
-                                  check_finite=self.check_finite)
+                                  dp_group=self.dp_group, check_finite=self.check_finite,
+                                  reduction=reduction_for(num_items_in_batch))
         width = head.weight.shape[0]
         record_ce_ntl_flops(shift_labels.numel(), width,
                             local_number_count(self.vocab, self.vocab_start_index, width))
         if self.on_output is not None:
             self.on_output(out)
-        return out.loss
+        return scaled_loss(out, num_items_in_batch)
 
     def _pass_through_loss(self, logits, labels=None, vocab_size=None, num_items_in_batch=None,
                            ignore_index: int = -100, **_):
