@@ -21,7 +21,18 @@ def cpu_shims():
     mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
-def build_model(seed=0, mtp_layers=None, share=False):
+def torch_norm_with_sequence_parallel():
+    """Test-only: megatron-core's torch-LayerNorm wrapper refuses sequence parallelism (TE/Apex
+    norms mark their weights for the gradient all-reduce); a plain LayerNorm lets the sequence-
+    parallel path run on CPU. Per-rank gradients of replicated weights are then partial sums,
+    the same in the reference and in the patched model, and compared as such."""
+    from megatron.core.transformer import torch_norm
+
+    torch_norm.WrappedTorchNorm.__new__ = \
+        lambda cls, config, hidden_size, eps=1e-5, **kw: torch.nn.LayerNorm(hidden_size, eps=eps)
+
+
+def build_model(seed=0, mtp_layers=None, share=False, sequence_parallel=False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_mtp_block_spec)
@@ -31,7 +42,8 @@ def build_model(seed=0, mtp_layers=None, share=False):
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
                             use_cpu_initialization=True, perform_initialization=True,
                             params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-                            mtp_num_layers=mtp_layers)
+                            mtp_num_layers=mtp_layers, sequence_parallel=sequence_parallel,
+                            tensor_model_parallel_size=torch.distributed.get_world_size())
     spec = get_gpt_layer_local_spec()
     mtp = None if mtp_layers is None else get_gpt_mtp_block_spec(cfg, spec, False)
     return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
@@ -54,13 +66,15 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def worker(rank, world, kind, share):
+def worker(rank, world, kind, share, sp):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     import ntl_deepspeed.patches.megatron_core as patch
 
     cpu_shims()
+    if sp:
+        torch_norm_with_sequence_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     try:
         vocab = NumberVocab.from_tokens(TOKENS)
@@ -68,7 +82,7 @@ def worker(rank, world, kind, share):
         ids, pos, causal, labels = batch()
 
         # reference: unpatched model -> gathered full logits -> F.cross_entropy + 0.3 * ntl_loss
-        model = build_model(share=share)
+        model = build_model(share=share, sequence_parallel=sp)
         local = model(ids, pos, causal)  # [b, s, V/tp]
         full = gather_from_tensor_model_parallel_region(local)
         ce = F.cross_entropy(full.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
@@ -87,7 +101,7 @@ def worker(rank, world, kind, share):
 
             assert LanguageModule.compute_language_model_loss.__wrapped__.__name__ == \
                 "compute_language_model_loss"
-            model = build_model(share=share)
+            model = build_model(share=share, sequence_parallel=sp)
             loss = model(ids, pos, causal, labels=labels)  # [b, s] per-token loss
             torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
             loss.sum().backward()
@@ -108,7 +122,7 @@ def worker(rank, world, kind, share):
         from megatron.core.models.gpt.gpt_model import GPTModel
 
         assert not hasattr(GPTModel._postprocess, "__wrapped__")
-        model = build_model(share=share)
+        model = build_model(share=share, sequence_parallel=sp)
         plain = model(ids, pos, causal, labels=labels)
         torch.testing.assert_close(plain, ce.view(labels.shape).detach(), rtol=1e-5, atol=1e-5)
     finally:
@@ -116,9 +130,10 @@ def worker(rank, world, kind, share):
         parallel_state.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("kind,share", [("was", False), ("mse", True)])
-def test_patched_gpt_model_tp2_equals_reference(kind, share):
-    run_distributed(worker, 2, kind, share, timeout=400)
+@pytest.mark.parametrize("kind,share,sequence_parallel", [
+    ("was", False, False), ("mse", True, False), ("was", False, True)])
+def test_patched_gpt_model_tp2_equals_reference(kind, share, sequence_parallel):
+    run_distributed(worker, 2, kind, share, sequence_parallel, timeout=400)
 
 
 def worker_mtp(rank, world):
