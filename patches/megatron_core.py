@@ -119,16 +119,19 @@ def _gpt_model():
     return GPTModel
 
 
+_signature = functools.lru_cache(maxsize=None)(inspect.signature)  # asked every forward
+
+
 def _fused_output_layer(layer, labels, state):
     """A ``forward`` for ``layer`` (the main head's ColumnParallelLinear) returning the per-token
     loss ``[s, b]`` in place of the logits."""
+    from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                        gather_from_sequence_parallel_region)
+
+    if getattr(layer.config, "defer_embedding_wgrad_compute", False):
+        raise ValueError("fused_head=True does not support defer_embedding_wgrad_compute")
 
     def forward(input_, weight=None, runtime_gather_output=None):
-        from megatron.core.tensor_parallel.mappings import (
-            copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region)
-
-        if getattr(layer.config, "defer_embedding_wgrad_compute", False):
-            raise ValueError("fused_head=True does not support defer_embedding_wgrad_compute")
         group = layer.tp_group
         tp = torch.distributed.get_world_size(group)
         hidden = input_
@@ -151,7 +154,7 @@ def _fused_output_layer(layer, labels, state):
 
 def _fused_postprocess(self, *args, **kwargs):
     state, original = _state, _gpt_model()._postprocess.__wrapped__
-    labels = inspect.signature(original).bind(self, *args, **kwargs).arguments.get("labels")
+    labels = _signature(original).bind(self, *args, **kwargs).arguments.get("labels")
     if state is None or not state.fused_head or not state.config.enabled or labels is None:
         return original(self, *args, **kwargs)
     head, main_call = self.output_layer, self.config.mtp_num_layers or 0  # MTP heads come first

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from ..config import NTLConfig
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
-from ..ops.fused_linear import DEFAULT_BLOCK, DEFAULT_TOKEN_CHUNK, fused_linear_ce_ntl
+from ..ops.fused_linear import (DEFAULT_BLOCK, DEFAULT_TOKEN_CHUNK, check_blocking,
+                                fused_linear_ce_ntl)
 from .hf_loss import (check_ignore_index, local_number_count, reduction_for, scaled_loss,
                       shift_left)
 from .flops import record_ce_ntl_flops
@@ -73,9 +74,7 @@ class FusedHeadLoss:
                  block_size: int = DEFAULT_BLOCK, token_chunk: int = DEFAULT_TOKEN_CHUNK,
                  on_output: Optional[Callable[[CENTLOutput], None]] = None,
                  check_finite: bool = False):
-        if block_size < 1 or token_chunk < 1:
-            raise ValueError(f"block_size={block_size} and token_chunk={token_chunk} must be "
-                             ">= 1")
+        check_blocking(block_size, token_chunk)  # at install, not at the first step
         self.vocab, self.config, self.tp_group = vocab, config, tp_group
         self.vocab_start_index, self.dp_group = vocab_start_index, dp_group
         self.block_size, self.token_chunk = block_size, token_chunk

@@ -24,6 +24,11 @@ DEFAULT_BLOCK = 1024        # vocab columns per block
 DEFAULT_TOKEN_CHUNK = 2048  # tokens per chunk: work buffers are [chunk, block] and [chunk, H]
 
 
+def check_blocking(block_size: int, token_chunk: int) -> None:
+    if block_size < 1 or token_chunk < 1:
+        raise ValueError(f"block_size={block_size} and token_chunk={token_chunk} must be >= 1")
+
+
 def _spans(length: int, step: int):
     for i0 in range(0, length, step):
         yield i0, min(length, i0 + step)
@@ -123,12 +128,12 @@ class FusedLinearCENTL(torch.autograd.Function):
             cols, minus = rows.target_local[t0:t1][hit], -terms.g_ce[t0:t1][hit]
             dh.index_add_(0, hit, minus.unsqueeze(1) * weight.index_select(0, cols).float())
             d_weight.index_add_(0, cols, minus.unsqueeze(1) * h32[hit])
+            if d_bias is not None:
+                d_bias.index_add_(0, number_ids, corr_n[t0:t1].sum(0))
+                d_bias.index_add_(0, cols, minus)
             if not in_place:
                 d_hidden[t0:t1] = dh
         if d_bias is not None:
-            hit = torch.nonzero(rows.in_shard).squeeze(1)
-            d_bias.index_add_(0, number_ids, corr_n.sum(0))
-            d_bias.index_add_(0, rows.target_local[hit], -terms.g_ce[hit])
             d_bias = d_bias.to(bias.dtype)
         return (d_hidden, d_weight.to(weight.dtype), d_bias, None, None, None, None, None, None,
                 None, None)
@@ -154,8 +159,7 @@ def fused_linear_ce_ntl(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         raise ValueError(f"weight {tuple(weight.shape)} must be [V_local, {hidden.shape[-1]}]")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
-    if block_size < 1 or token_chunk < 1:
-        raise ValueError(f"block_size={block_size} and token_chunk={token_chunk} must be >= 1")
+    check_blocking(block_size, token_chunk)
     check_shapes(hidden.new_empty(*labels.shape, 0), labels, loss_weights, reduction)
     check_labels(labels, number_vocab.vocab_size, config.ignore_index)
     width = weight.shape[0]
