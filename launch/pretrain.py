@@ -47,7 +47,7 @@ def main(argv=None):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from ntl_deepspeed.integrations.deepspeed_engine import Trainer, exit_worker
+    from ntl_deepspeed.train.trainer import Trainer, exit_worker
 
     torch.manual_seed(args.seed)
     try:

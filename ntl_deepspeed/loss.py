@@ -1,19 +1,22 @@
-"""``vocab_parallel_ce_ntl``: CE + lambda * NTL from a vocab shard, with reductions."""
+"""``ce_ntl``: the one front door. Validate once -> op (logits or hidden states) -> reductions."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from .checks import check_shapes
+from .checks import (check_head, check_labels, check_logits, check_loss_weights,
+                     check_reduction)
 from .config import NTLConfig
 from .number_level import assemble_numbers, symmetric_ape
-from .numbers import NumberVocab
-from .ops.ntl_math import reweigh as reweigh_loss
-from .ops.vocab_parallel import vocab_parallel_statistics
+from .numbers import NumberVocab, VocabShard, label_targets
+from .ops.hidden import Blocking, hidden_statistics
+from .ops.logits import logits_statistics
+from .ops.math import reweigh
+from .ops.statistics import OpSpec, PerToken
+from .parallel import group_size
 
 
 @dataclass
@@ -29,90 +32,105 @@ class CENTLOutput:
     number_mass: torch.Tensor        # full-vocab probability on number tokens
     number_label_mask: torch.Tensor  # where the NTL applies
     valid_mask: torch.Tensor         # labels != ignore_index
-    number_correct: torch.Tensor     # at number labels: the label is the most likely number token
+    number_correct: torch.Tensor     # at number labels: the label alone is the most likely number
     label_value: torch.Tensor        # value of the label token (0 where it is not a number)
     number_token_label: torch.Tensor # the label is a number token (whatever the NTL kind)
     ntl_count: torch.Tensor          # summed weights under the NTL (this call, not all-reduced)
     ce_count: torch.Tensor           # summed weights of valid tokens
 
 
-def _number_level(labels, vocab, config, yhat, mass, is_digit):
-    if vocab.mode != "digits":
-        raise ValueError("NTL kind 'number_level' needs a NumberVocab in mode 'digits'")
-    rows = labels if labels.dim() == 2 else labels.reshape(1, -1)
-    y = vocab.values.to(labels.device)[torch.where(is_digit, labels, 0).long()]
-    y = torch.where(is_digit, y, torch.zeros_like(y)).reshape(rows.shape)
+def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
+           config: Optional[NTLConfig] = None, *, logits: Optional[torch.Tensor] = None,
+           hidden: Optional[torch.Tensor] = None, head_weight: Optional[torch.Tensor] = None,
+           head_bias: Optional[torch.Tensor] = None,
+           loss_weights: Optional[torch.Tensor] = None, reduction: str = "mean",
+           dp_group=None, gemm_dtype: Optional[torch.dtype] = None) -> CENTLOutput:
+    """CE + ``config.weight`` * NTL, from this rank's ``logits`` ``[..., V_local]``, or from
+    ``hidden`` ``[..., H]`` and this rank's rows of the LM head ``head_weight`` ``[V_local, H]``
+    (+ ``head_bias``) without materialising the logits (``config.fused_block_size`` /
+    ``fused_token_chunk``; GEMM operands in ``gemm_dtype``: default fp32 on CPU, the input dtype
+    on CUDA).
+
+    ``labels`` are global ids (already shifted), identical on every rank of the shard's group.
+    ``shard`` comes from :meth:`NumberVocab.shard_for` (a NumberVocab means the whole vocab on
+    one rank). ``loss_weights`` multiply both losses per token. Reduction ``mean``: CE over valid
+    tokens (``F.cross_entropy``'s mean), NTL per ``config.normalization``. Collectives: 2 on the
+    shard's group in forward (see :mod:`ntl_deepspeed.ops.statistics`), plus one on ``dp_group``
+    for ``normalization='global'``; none in backward. No host synchronisation unless
+    ``config.check_inputs`` / ``check_finite``.
+    """
+    config = config or NTLConfig()
+    if (logits is None) == (hidden is None) or (hidden is None) != (head_weight is None):
+        raise TypeError("ce_ntl takes logits=..., or hidden=... with head_weight=...")
+    if logits is not None:
+        check_logits(logits, labels)
+        width, device = logits.shape[-1], logits.device
+    else:
+        check_head(hidden, head_weight, head_bias, labels)
+        width, device = head_weight.shape[0], hidden.device
+    if isinstance(shard, NumberVocab):
+        shard = shard.shard_for(width, device=device)
+    if shard.width != width:
+        raise ValueError(f"the shard is {shard.width} columns wide but the "
+                         f"{'logits have' if logits is not None else 'head has'} {width}")
+    check_reduction(reduction)
+    check_loss_weights(loss_weights, labels, host=config.check_inputs)
+    check_labels(labels, shard.vocab_size, config.ignore_index, host=config.check_inputs)
+
+    spec = OpSpec.build(config, shard)
+    if logits is not None:
+        per_token = logits_statistics(logits, labels, shard, spec, config.backend)
+    else:
+        blocking = Blocking.build(hidden, config.fused_block_size, config.fused_token_chunk,
+                                  gemm_dtype)
+        per_token = hidden_statistics(hidden, head_weight, head_bias, labels, shard, spec,
+                                      blocking)
+    return reduce_per_token(PerToken(*per_token), labels, shard, config, loss_weights,
+                            reduction, dp_group)
+
+
+def _number_level(labels, shard: VocabShard, config: NTLConfig, per_token: PerToken,
+                  is_digit, y):
+    """Per-number symmetric APE at each number's first digit (ntloss' NumberLevelLoss)."""
+    rows = labels.shape if labels.dim() == 2 else (1, labels.numel())  # numbers run along rows
     is_dot = None
     if config.float_level:
-        if vocab.decimal_point_id is None:
+        if shard.vocab.decimal_point_id is None:
             raise ValueError("float_level=True needs a '.' token in the vocabulary")
-        is_dot = rows == vocab.decimal_point_id
-    y_num, yhat_num, start = assemble_numbers(y, yhat.reshape(rows.shape),
-                                              is_digit.reshape(rows.shape), is_dot)
-    per_token = symmetric_ape(yhat_num, y_num)
+        is_dot = (labels == shard.vocab.decimal_point_id).reshape(rows)
+    y_num, yhat_num, start = assemble_numbers(y.reshape(rows), per_token.yhat.reshape(rows),
+                                              is_digit.reshape(rows), is_dot)
+    loss = symmetric_ape(yhat_num, y_num)
     if config.reweigh:
-        per_token = reweigh_loss(per_token, mass.reshape(rows.shape),
-                                 vocab.max_distance("number_level"))
+        loss = reweigh(loss, per_token.mass.reshape(rows),
+                       shard.vocab.max_distance("number_level"))
     start = start.reshape(labels.shape)
-    return torch.where(start, per_token.reshape(labels.shape), torch.zeros_like(yhat)), start
+    return torch.where(start, loss.reshape(labels.shape), torch.zeros_like(per_token.yhat)), start
 
 
-def _global_count(count: torch.Tensor, dp_group) -> tuple:
-    if dp_group is None or not dist.is_initialized() or dist.get_world_size(dp_group) == 1:
+def _global_count(count: torch.Tensor, dp_group):
+    """(count summed over ``dp_group``, its size)."""
+    size = group_size(dp_group)
+    if size == 1:
         return count, 1
     total = count.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=dp_group)
-    return total, dist.get_world_size(dp_group)
+    return total, size
 
 
-def vocab_parallel_ce_ntl(logits: torch.Tensor, labels: torch.Tensor, number_vocab: NumberVocab,
-                          tp_group=None, config: Optional[NTLConfig] = None, *,
-                          vocab_start_index: Optional[int] = None,
-                          loss_weights: Optional[torch.Tensor] = None, reduction: str = "mean",
-                          dp_group=None, check_finite: bool = False, **overrides) -> CENTLOutput:
-    """CE + ``config.weight`` * NTL for this rank's logits shard ``[..., V_local]``.
-
-    ``labels`` are global ids (already shifted), identical on every rank of ``tp_group``.
-    ``tp_group=None`` means the logits hold the whole vocabulary. Keyword ``overrides`` replace
-    fields of ``config`` (e.g. ``kind="mse"``). ``loss_weights`` multiply both losses per token.
-    Reduction ``mean``: CE over valid tokens (``F.cross_entropy``'s mean), NTL per
-    ``config.normalization``. Collectives: 2 on ``tp_group`` in forward (see
-    :class:`~ntl_deepspeed.ops.vocab_parallel.VocabParallelCENTL`), plus one on ``dp_group`` for
-    ``normalization='global'``; none in backward.
-    """
-    config = dataclasses.replace(config or NTLConfig(), **overrides)
-    check_shapes(logits, labels, loss_weights, reduction)
-    per_token = vocab_parallel_statistics(
-        logits, labels, number_vocab, token_kind(config), tp_group=tp_group,
-        reweigh=config.reweigh, squash_factor=config.squash_factor,
-        vocab_start_index=vocab_start_index, ignore_index=config.ignore_index,
-        check_finite=check_finite)
-    return finish(per_token, labels, number_vocab, config, loss_weights, reduction, dp_group)
-
-
-def token_kind(config: NTLConfig) -> str:
-    """The per-token kind the op computes (number-level NTL is assembled afterwards)."""
-    return "none" if not config.enabled or config.kind == "number_level" else config.kind
-
-
-def finish(per_token, labels, number_vocab: NumberVocab, config: NTLConfig, loss_weights,
-           reduction: str, dp_group) -> CENTLOutput:
+def reduce_per_token(per_token: PerToken, labels: torch.Tensor, shard: VocabShard,
+                     config: NTLConfig, loss_weights, reduction: str, dp_group) -> CENTLOutput:
     """Number-level assembly, weights and reductions on the op's per-token outputs."""
-    ce, ntl, yhat, mass, correct = per_token
-
-    valid = labels != config.ignore_index
-    label_value = number_vocab.values.to(labels.device)[torch.where(valid, labels, 0).long()]
-    is_number = valid & ~torch.isnan(label_value)
-    label_value = torch.where(is_number, label_value, torch.zeros_like(label_value))
+    ce, ntl = per_token.ce, per_token.ntl
+    valid, is_number, label_value = label_targets(labels, shard.values, config.ignore_index)
     ntl_mask = is_number
     if config.enabled and config.kind == "number_level":
-        ntl, ntl_mask = _number_level(labels, number_vocab, config, yhat, mass, is_number)
+        ntl, ntl_mask = _number_level(labels, shard, config, per_token, is_number, label_value)
 
     w = torch.ones_like(ce) if loss_weights is None else loss_weights.to(ce.dtype)
     ce_w = torch.where(valid, w, torch.zeros_like(w))
     ntl_w = torch.where(ntl_mask, w, torch.zeros_like(w))
     ce_count, ntl_count = ce_w.sum(), ntl_w.sum()
-    weight = config.weight if config.enabled else 0.0
     if reduction == "none":
         ce_r, ntl_r = ce * ce_w, ntl * ntl_w
     elif reduction == "sum":
@@ -128,5 +146,6 @@ def finish(per_token, labels, number_vocab: NumberVocab, config: NTLConfig, loss
         else:  # global: sum over DP / count over DP; x dp_size undoes DP gradient averaging
             total, dp_size = _global_count(ntl_count, dp_group)
             ntl_r = ntl_sum * dp_size / total.clamp_min(eps)
-    return CENTLOutput(ce_r + weight * ntl_r, ce_r, ntl_r, ce, ntl, yhat, mass, ntl_mask, valid,
-                       correct, label_value, is_number, ntl_count, ce_count)
+    return CENTLOutput(ce_r + config.active_weight * ntl_r, ce_r, ntl_r, ce, ntl,
+                       per_token.yhat, per_token.mass, ntl_mask, valid, per_token.correct,
+                       label_value, is_number, ntl_count, ce_count)

@@ -36,13 +36,15 @@ def assemble_numbers(digit_label: torch.Tensor, digit_pred: torch.Tensor, is_dig
     start = in_number & ~_shift_right(in_number)
 
     flat_in, flat_digit = in_number.reshape(-1), is_digit.reshape(-1)
-    span = torch.cumsum(start.reshape(-1).long(), 0) * flat_in  # 0 = outside every number
-    n_spans = int(span.max()) + 1 if span.numel() else 1
+    flat_start = start.reshape(-1)
+    span = torch.cumsum(flat_start.long(), 0) * flat_in  # 0 = outside every number
+    n_spans = span.numel() + 1  # an upper bound: sizes never depend on the data (no host sync)
     digit_count = torch.zeros(n_spans, dtype=torch.long, device=span.device)
     digit_count.scatter_add_(0, span, flat_digit.long())
     digits_so_far = torch.cumsum(flat_digit.long(), 0)
-    before_span = torch.zeros(n_spans, dtype=torch.long, device=span.device)
-    before_span[span[start.reshape(-1)]] = digits_so_far[start.reshape(-1)] - 1
+    # digits before each span, written at its start; other positions write into a spare slot
+    before_span = torch.zeros(n_spans + 1, dtype=torch.long, device=span.device)
+    before_span.index_put_((torch.where(flat_start, span, n_spans),), digits_so_far - 1)
     digits_after = digit_count[span] - (digits_so_far - before_span[span])
     power = digits_after.clamp(0, max_number_length - 1)
 
@@ -52,7 +54,6 @@ def assemble_numbers(digit_label: torch.Tensor, digit_pred: torch.Tensor, is_dig
         contrib = torch.where(flat_digit, per_digit.reshape(-1) * scale, torch.zeros_like(scale))
         sums = torch.zeros(n_spans, dtype=per_digit.dtype, device=per_digit.device)
         sums = sums.index_add(0, span, contrib)
-        flat_start = start.reshape(-1)
         return torch.where(flat_start, sums[span], torch.zeros_like(contrib)).view_as(per_digit)
 
     return place_values(digit_label), place_values(digit_pred), start

@@ -12,14 +12,16 @@ from typing import Optional
 
 import torch
 
-from .checks import check_labels, check_shapes
+from .checks import check_labels, check_logits, check_loss_weights, check_reduction
 from .number_level import assemble_numbers, symmetric_ape
-from .numbers import NumberVocab
-from .ops.ntl_math import dot_product_loss, number_distance, reweigh as reweigh_loss
+from .numbers import NumberVocab, label_targets
+from .ops.math import dot_product_loss, number_distance, reweigh as reweigh_loss
 
 
 def _check(logits, labels, vocab, loss_weights, reduction, ignore_index):
-    check_shapes(logits, labels, loss_weights, reduction)
+    check_logits(logits, labels)
+    check_loss_weights(loss_weights, labels)
+    check_reduction(reduction)
     if logits.shape[-1] != vocab.vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} vocab entries but the NumberVocab has "
                          f"{vocab.vocab_size}; build it with vocab_size={logits.shape[-1]}")
@@ -27,11 +29,8 @@ def _check(logits, labels, vocab, loss_weights, reduction, ignore_index):
 
 
 def _number_targets(labels, vocab, ignore_index):
-    values = vocab.values.to(labels.device)
-    valid = labels != ignore_index
-    y = values[torch.where(valid, labels, 0).long()]
-    is_number = valid & ~torch.isnan(y)
-    return torch.where(is_number, y, torch.zeros_like(y)), is_number
+    _, is_number, y = label_targets(labels, vocab.values.to(labels.device), ignore_index)
+    return y, is_number
 
 
 def _reduce(per_token, mask, loss_weights, reduction):

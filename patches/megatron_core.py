@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from ntl_deepspeed import NTLConfig, NumberVocab, fused_linear_ce_ntl, vocab_parallel_ce_ntl
-from ntl_deepspeed.ops.fused_linear import DEFAULT_BLOCK, DEFAULT_TOKEN_CHUNK
+from ntl_deepspeed.ops.hidden import DEFAULT_BLOCK, DEFAULT_TOKEN_CHUNK
 
 TARGET = "megatron.core.models.common.language_module.language_module.LanguageModule" \
          ".compute_language_model_loss"

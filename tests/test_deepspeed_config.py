@@ -2,7 +2,7 @@
 import pytest
 
 from ntl_deepspeed import NTLConfig
-from ntl_deepspeed.integrations.deepspeed_config import parse_ntl_section, split_ds_config
+from ntl_deepspeed.integrations.deepspeed import parse_ntl_section, split_ds_config
 
 
 def test_absent_section_disables_ntl():
@@ -51,7 +51,7 @@ def test_fused_head_keys():
 def test_vocab_parallel_head_needs_the_pinned_deepspeed(monkeypatch):
     import deepspeed
 
-    from ntl_deepspeed.integrations.deepspeed_engine import check_deepspeed_for_autotp
+    from ntl_deepspeed.train.trainer import check_deepspeed_for_autotp
 
     tp = {"tensor_parallel": {"autotp_size": 2, "vocab_parallel_lm_head": True}}
     check_deepspeed_for_autotp(tp)  # the installed, pinned version

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from ntl_deepspeed.data.corpus import generate
-from ntl_deepspeed.data.encode import text_encoder
-from ntl_deepspeed.data.tokenizer import train_tokenizer
-from ntl_deepspeed.integrations.deepspeed_engine import token_blocks
+from ntl_deepspeed.train.data.corpus import generate
+from ntl_deepspeed.train.data.encode import text_encoder
+from ntl_deepspeed.train.data.tokenizer import train_tokenizer
+from ntl_deepspeed.train.trainer import token_blocks
 
 
 def test_corpus_is_seeded():

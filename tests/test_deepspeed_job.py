@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dist_utils import free_port
-from ntl_deepspeed.integrations.deepspeed_config import parse_ntl_section
+from ntl_deepspeed.integrations.deepspeed import parse_ntl_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "zero3_cpu_tiny.json")

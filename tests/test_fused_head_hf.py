@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
-from ntl_deepspeed.integrations.fused_head import FusedHeadLoss
+from ntl_deepspeed.patches.fused_head import FusedHeadLoss
 from tiny_llama import TOKENS, model_and_batch, reference_loss
 
 

@@ -11,7 +11,7 @@ def one_sgd_step(tmp_path, batch, accumulation, fused):
     from transformers import Trainer, TrainingArguments
 
     import ntl_deepspeed.patches.transformers as patch
-    from ntl_deepspeed.integrations.fused_head import FusedHeadLoss
+    from ntl_deepspeed.patches.fused_head import FusedHeadLoss
 
     model, ids, labels = model_and_batch()
     ids, labels = ids.repeat(2, 1), labels.repeat(2, 1)  # 4 rows

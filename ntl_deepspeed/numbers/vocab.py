@@ -11,19 +11,22 @@ Modes (what counts as a number token):
              ``digit_level=False`` mode (``'05'``, ``'1e5'``, ``'1_000'``, ``'٣'``).
 
 Run ``python -m ntl_deepspeed.numbers TOKENIZER [--mode M] [--text T]`` to inspect a tokenizer.
+A :class:`VocabShard` is one tensor-parallel rank's slice of the vocab, built once per layout and
+handed to every loss path (logits, hidden states, DeepSpeed AutoTP, Megatron, no TP).
 """
 from __future__ import annotations
 
-import argparse
 import math
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..config import MODES
+from ..parallel import group_size_rank
 from .token_sources import read_pieces
 
-MODES = ("digits", "integers", "floats")
 WORD_BOUNDARY_MARKERS = ("\u2581", "\u0120", " ")  # sentencepiece ▁, byte-level BPE Ġ, space
 
 
@@ -58,18 +61,46 @@ def partition_bounds(vocab_size: int, world_size: int) -> List[Tuple[int, int]]:
     return bounds
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VocabShard:
-    """This rank's slice ``[start, end)`` of the vocab and the number tokens inside it."""
+    """One rank's slice ``[start, end)`` of the vocab, its number tokens, and its group.
 
+    Built once by :meth:`NumberVocab.shard_for` (cached) and handed to every loss path. Tensors
+    live on the logits' device. ``fits`` is False when the rank's logits width does not match its
+    claimed slice: the op then reports it through its first collective, so that every rank of
+    ``group`` raises the same error instead of some waiting forever.
+    """
+
+    vocab: "NumberVocab"
     start: int
     end: int
-    number_ids: torch.Tensor     # int64, relative to ``start``
+    width: int                   # columns of this rank's logits / head rows
+    group: Any                   # tensor-parallel process group, None without TP
+    group_size: int
+    rank: int
+    fits: bool
+    number_ids: torch.Tensor     # int64, relative to ``start``, all < width
     number_values: torch.Tensor  # float32, same order
+    values: torch.Tensor         # float32 [vocab_size]: every token's value (NaN: not a number)
+    column_to_number: torch.Tensor  # int64 [width]: index into number_ids, -1 elsewhere
 
     @property
-    def width(self) -> int:
-        return self.end - self.start
+    def vocab_size(self) -> int:
+        return self.vocab.vocab_size
+
+    @property
+    def parallel(self) -> bool:
+        return self.group_size > 1
+
+
+def label_targets(labels: torch.Tensor, values: torch.Tensor, ignore_index: int):
+    """``(valid, is_number, y)`` per label: not ignored; a number token; its value (0 elsewhere).
+    Ids outside the vocab are clamped here (they are reported by the input checks)."""
+    valid = labels != ignore_index
+    ids = torch.where(valid, labels, 0).clamp(0, values.numel() - 1)
+    value = values[ids]
+    is_number = valid & ~torch.isnan(value)
+    return valid, is_number, torch.where(is_number, value, torch.zeros_like(value))
 
 
 class NumberVocab:
@@ -105,7 +136,7 @@ class NumberVocab:
         self.number_values = values[self.number_ids]
         self.number_tokens = tokens
         self.decimal_point_id = decimal_point_id
-        self._device_cache: Dict[Any, Any] = {}
+        self._shard_cache: Dict[Any, VocabShard] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -151,91 +182,55 @@ class NumberVocab:
         raise ValueError(f"unknown NTL kind {kind!r}")
 
     # ------------------------------------------------------------------ sharding
-    def shard(self, rank: Optional[int] = None, world_size: Optional[int] = None, *,
-              start: Optional[int] = None, end: Optional[int] = None) -> VocabShard:
-        """The slice of a vocab-parallel rank: by ``rank``/``world_size`` (even partition, see
-        :func:`partition_bounds`) or by explicit ``start``/``end``."""
-        if start is None:
-            if rank is None or world_size is None:
-                raise ValueError("shard() needs rank and world_size, or start and end")
-            start, end = partition_bounds(self.vocab_size, world_size)[rank]
-        if end is None or not 0 <= start < end <= self.vocab_size:
+    def slice_numbers(self, start: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(number ids relative to ``start``, their values) inside ``[start, end)``."""
+        if not 0 <= start < end <= self.vocab_size:
             raise ValueError(f"vocab shard [{start}, {end}) is not inside [0, {self.vocab_size})")
-        in_shard = (self.number_ids >= start) & (self.number_ids < end)
-        return VocabShard(start, end, self.number_ids[in_shard] - start,
-                          self.number_values[in_shard])
+        inside = (self.number_ids >= start) & (self.number_ids < end)
+        return self.number_ids[inside] - start, self.number_values[inside]
 
-    def on_device(self, device: torch.device, start: int, end: int):
-        """(values, local number ids, local number values) on ``device``, cached."""
-        key = (str(device), start, end)
-        hit = self._device_cache.get(key)
+    def shard_for(self, width: int, group=None, start: Optional[int] = None,
+                  device: Any = "cpu") -> VocabShard:
+        """This rank's :class:`VocabShard` for logits (or head rows) ``width`` wide.
+
+        Without a tensor-parallel ``group`` (None or of size 1) the logits must hold the whole
+        vocab. With one, the slice is ``[start, start + width)`` when ``start`` is given (DeepSpeed
+        AutoTP's ``vocab_start_index``, Megatron's layer), else the even partition by rank
+        (:func:`partition_bounds`). Cached per (width, group, start, device)."""
+        key = (int(width), group, start, str(torch.device(device)))
+        hit = self._shard_cache.get(key)
         if hit is None:
-            s = self.shard(start=start, end=end)
-            hit = (self.values.to(device), s.number_ids.to(device), s.number_values.to(device))
-            self._device_cache[key] = hit
+            hit = self._shard_cache[key] = self._build_shard(int(width), group, start, device)
         return hit
+
+    def _build_shard(self, width: int, group, start: Optional[int], device) -> VocabShard:
+        size, rank = group_size_rank(group)
+        if size == 1:
+            if start not in (None, 0):
+                raise ValueError(f"vocab_start_index={start} was given without a tensor-parallel "
+                                 "group (tp_group=None or of size 1): the logits must then hold "
+                                 "the whole vocab; pass the TP group too")
+            if width != self.vocab_size:
+                raise ValueError(f"logits have {width} vocab entries but the NumberVocab has "
+                                 f"{self.vocab_size}; build it with vocab_size={width}, or pass "
+                                 "the tensor-parallel group and this shard's vocab_start_index")
+            start, end = 0, width
+        elif start is None:
+            start, end = partition_bounds(self.vocab_size, size)[rank]
+        else:
+            start, end = int(start), int(start) + width
+        fits = end - start == width and 0 <= start < end <= self.vocab_size
+        lo = min(max(start, 0), self.vocab_size - 1)  # in bounds even when it does not fit
+        ids, vals = self.slice_numbers(lo, min(max(end, lo + 1), self.vocab_size))
+        keep = ids < width
+        ids, vals = ids[keep], vals[keep]
+        column_to_number = torch.full((width,), -1, dtype=torch.long)
+        column_to_number[ids] = torch.arange(ids.numel())
+        to = functools.partial(torch.Tensor.to, device=torch.device(device))
+        return VocabShard(self, start, end, width, group, size, rank, fits, to(ids), to(vals),
+                          to(self.values), to(column_to_number))
 
     def __repr__(self) -> str:
         vmin, vmax = self.value_range
         return (f"NumberVocab(mode={self.mode!r}, vocab_size={self.vocab_size}, "
                 f"number_tokens={self.number_ids.numel()}, values=[{vmin:g}, {vmax:g}])")
-
-
-# ---------------------------------------------------------------------- command line
-def _describe(vocab: NumberVocab, tokenizer: Any, text: Optional[str]) -> str:
-    lines = [repr(vocab)]
-    ids = vocab.number_ids.tolist()
-    examples = ids[:8] + (ids[-4:] if len(ids) > 12 else [])
-    lines.append("examples: " + ", ".join(f"{i}:{vocab.number_tokens[i]!r}={vocab.values[i]:g}"
-                                           for i in examples))
-    if text is not None:
-        token_ids, pieces = _encode(tokenizer, text)
-        marked = [f"[{p}={vocab.values[i]:g}]" if i < vocab.vocab_size and
-                  not math.isnan(vocab.values[i]) else p for i, p in zip(token_ids, pieces)]
-        hits = sum(m.startswith("[") for m in marked)
-        lines.append(f"text: {len(token_ids)} tokens, {hits} would receive NTL")
-        lines.append(" ".join(marked))
-    return "\n".join(lines)
-
-
-def _encode(tokenizer: str, text: str) -> Tuple[List[int], List[str]]:
-    import os
-
-    from .token_sources import tokenizer_file_in
-
-    path = (tokenizer_file_in(tokenizer) or tokenizer) if os.path.isdir(tokenizer) else tokenizer
-    if path.endswith(".json"):
-        from tokenizers import Tokenizer
-
-        enc = Tokenizer.from_file(path).encode(text, add_special_tokens=False)
-        return enc.ids, enc.tokens
-    if path.endswith(".tiktoken"):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-
-        ranks = load_tiktoken_bpe(path)
-        enc = tiktoken.Encoding("file", pat_str=r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
-                                mergeable_ranks=ranks, special_tokens={})
-        ids = enc.encode(text)
-        return ids, [enc.decode([i]) for i in ids]
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=path)
-    ids = sp.encode(text)
-    return ids, [sp.id_to_piece(i) for i in ids]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ntl_deepspeed.numbers",
-                                 description="Show the number tokens of a tokenizer.")
-    ap.add_argument("tokenizer", help="tokenizer.json / directory / sentencepiece .model / .tiktoken")
-    ap.add_argument("--mode", choices=MODES, default="digits")
-    ap.add_argument("--vocab-size", type=int, default=None, help="padded model vocab size")
-    ap.add_argument("--text", default=None, help="sample text: which positions would get NTL")
-    args = ap.parse_args(argv)
-    vocab = NumberVocab.from_tokenizer(args.tokenizer, mode=args.mode, vocab_size=args.vocab_size)
-    print(_describe(vocab, args.tokenizer, args.text))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Per-token NTL formulas, shared by the single-device reference and the vocab-parallel op."""
+"""Per-token NTL formulas, shared by the single-device reference and every op."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -45,6 +45,11 @@ def dot_product_loss_grad(kind: str, yhat: torch.Tensor, y: torch.Tensor) -> tor
     raise ValueError(f"not a dot-product NTL kind: {kind!r}")
 
 
+def worst_loss(max_distance: float) -> float:
+    """What reweighing charges for probability mass placed off number tokens."""
+    return REWEIGH_MARGIN * max_distance
+
+
 def reweigh(loss: torch.Tensor, mass: torch.Tensor, max_distance: float) -> torch.Tensor:
     """Blend toward the worst loss by the probability mass placed off number tokens."""
-    return mass * loss + REWEIGH_MARGIN * max_distance * (1 - mass)
+    return mass * loss + worst_loss(max_distance) * (1 - mass)

@@ -8,8 +8,10 @@ from typing import Optional
 
 from .corpus import generate
 
-DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), ".cache")
+# outside the installed package (a wheel's site-packages may be read-only)
+DEFAULT_CACHE = os.environ.get("NTL_CACHE_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+    "ntl_deepspeed")
 
 
 def train_tokenizer(vocab_size: int = 512, seed: int = 0, n_sentences: int = 20000,

@@ -1,0 +1,226 @@
+"""The communication contract of every CE+NTL op: per-token statistics and their two collectives.
+
+Each tensor-parallel rank reduces its vocab slice to a few numbers per token (log-sum-exp of all
+its logits, its number-token logits, the label's logit where it holds it). :func:`combine`
+merges them with exactly two all-reduces over the shard's group -- one MAX (maxima and a
+per-rank header that checks the shards fit together), one SUM (CE's and NTL's statistics
+travel together) -- and returns the per-token results. :func:`gradient_terms` turns the saved
+statistics into the pieces of d loss / d logits; backward communicates nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..config import NTLConfig
+from ..numbers import VocabShard, label_targets
+from .math import (dot_product_loss, dot_product_loss_grad, number_distance, reweigh,
+                   worst_loss)
+
+PER_TOKEN_KINDS = ("was", "mse", "l1", "huber")
+_HEADER_SLOTS = 4  # per rank, in the MAX all-reduce: start, end, non-finite count, shard error
+_FP32_EXACT = float(1 << 24)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one call computes (static, from the config and the vocab)."""
+
+    ntl_kind: Optional[str]   # a PER_TOKEN_KIND, or None: CE, y-hat and mass only (NTL off, or
+    #                           number-level NTL, which the loss assembles from y-hat afterwards)
+    reweigh: bool
+    max_distance: float       # the worst per-token NTL, for reweigh
+    squash: Optional[Tuple[float, float, float]]  # WAS: (factor, d_min, d_max)
+    ignore_index: int
+    check_finite: bool        # count non-finite logits (a host read)
+    read_header: bool         # read the header on the host: precise errors, one sync
+
+    @classmethod
+    def build(cls, config: NTLConfig, shard: VocabShard) -> "OpSpec":
+        kind = config.kind if config.enabled and config.kind in PER_TOKEN_KINDS else None
+        vocab = shard.vocab
+        squash = (config.squash_factor, *vocab.distance_span()) \
+            if kind == "was" and config.squash_factor is not None else None
+        max_distance = vocab.max_distance(config.kind, config.squash_factor) \
+            if config.enabled and config.reweigh else 0.0
+        return cls(kind, config.reweigh and config.enabled, max_distance, squash,
+                   config.ignore_index, config.check_finite,
+                   config.check_finite or config.check_inputs)
+
+
+class PerToken(NamedTuple):
+    """The op's outputs, one value per token."""
+
+    ce: torch.Tensor
+    ntl: torch.Tensor     # 0 off number labels (and everywhere when ntl_kind is None)
+    yhat: torch.Tensor    # expected value under the number-token softmax
+    mass: torch.Tensor    # full-vocab probability on number tokens
+    correct: torch.Tensor  # the label is the most likely number token (bool; strict: no ties)
+
+
+@dataclass
+class RowLabels:
+    """What each token's label means for this shard."""
+
+    valid: torch.Tensor         # label != ignore_index
+    in_shard: torch.Tensor      # the label's column is on this rank
+    target_local: torch.Tensor  # that column (0 where not in_shard)
+    is_number: torch.Tensor     # the label is a number token
+    y: torch.Tensor             # its value (0 elsewhere)
+
+
+@dataclass
+class RowStatistics:
+    """Reduced per-token statistics the backward needs."""
+
+    lse: torch.Tensor    # log-sum-exp over the whole vocab
+    nlse: torch.Tensor   # log-sum-exp over the number tokens
+    yhat: torch.Tensor
+    base: torch.Tensor   # NTL before reweighing
+    mass: torch.Tensor
+
+
+def astuple(obj) -> tuple:
+    """The tensors of a RowLabels / RowStatistics in field order (for ``save_for_backward``)."""
+    return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
+
+
+def fromtuple(cls, tensors):
+    return cls(*tensors)
+
+
+def label_rows(labels1d: torch.Tensor, shard: VocabShard, ignore_index: int) -> RowLabels:
+    valid, is_number, y = label_targets(labels1d, shard.values, ignore_index)
+    in_shard = valid & (labels1d >= shard.start) & (labels1d < min(shard.end,
+                                                                   shard.start + shard.width))
+    return RowLabels(valid, in_shard, torch.where(in_shard, labels1d - shard.start, 0), is_number,
+                     y)
+
+
+def combine(lse_local: torch.Tensor, zn: torch.Tensor, target: torch.Tensor, rows: RowLabels,
+            shard: VocabShard, spec: OpSpec, nonfinite: Optional[torch.Tensor]):
+    """The two collectives and the per-token results, from this rank's local statistics:
+    ``lse_local`` [T] (log-sum-exp of its logits), ``zn`` [T, N_local] (its number-token logits,
+    fp32), ``target`` [T] (the label's logit where it is on this rank, else 0), ``nonfinite``
+    (a scalar count, when ``spec.check_finite``). Returns ``(PerToken, RowStatistics)``."""
+    n, values = lse_local.shape[0], shard.number_values
+    ninf = torch.full((n,), float("-inf"), device=lse_local.device)
+    nlse_local = torch.logsumexp(zn, -1) if zn.shape[1] else ninf
+    nmax_local = zn.max(-1).values if zn.shape[1] else ninf
+
+    header = _header(shard, nonfinite, lse_local.device)
+    maxed = torch.cat([lse_local, nlse_local, nmax_local, header.reshape(-1)])
+    if shard.parallel:
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=shard.group)
+    _check_header(maxed[3 * n:].view(shard.group_size, _HEADER_SLOTS), shard, spec)
+    big_lse, big_nlse, nmax = maxed[:n], maxed[n:2 * n], maxed[2 * n:3 * n]
+
+    e = torch.exp(zn - big_nlse.unsqueeze(1))  # [T, N_local]
+    # (e * v).sum, not e @ v: DeepSpeed's flops profiler over-counts matrix-vector products
+    summed = torch.stack([
+        torch.exp(lse_local - big_lse), target, e.sum(-1), (e * values).sum(-1),
+        (e * number_distance(values, rows.y.unsqueeze(1), spec.squash)).sum(-1)
+        if spec.ntl_kind == "was" else torch.zeros_like(target),
+        (zn >= nmax.unsqueeze(1)).sum(-1).float()])  # number tokens at the maximum
+    if shard.parallel:
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=shard.group)
+    exp_sum, target_all, number_sum, value_sum, distance_sum, at_max = summed.unbind(0)
+
+    lse = big_lse + torch.log(exp_sum)
+    ce = torch.where(rows.valid, lse - target_all, torch.zeros_like(lse))
+    nlse = big_nlse + torch.log(number_sum)
+    yhat = value_sum / number_sum
+    mass = torch.exp(nlse - lse)
+    if spec.ntl_kind == "was":
+        base = distance_sum / number_sum
+    elif spec.ntl_kind is None:
+        base = torch.zeros_like(yhat)
+    else:
+        base = dot_product_loss(spec.ntl_kind, yhat, rows.y)
+    ntl = reweigh(base, mass, spec.max_distance) if spec.reweigh else base
+    ntl = torch.where(rows.is_number, ntl, torch.zeros_like(ntl))
+    # the label alone at the maximum: a collapsed model (all logits equal) is not "correct"
+    correct = rows.is_number & (target_all >= nmax) & (at_max == 1)
+    return PerToken(ce, ntl, yhat, mass, correct), RowStatistics(lse, nlse, yhat, base, mass)
+
+
+@dataclass
+class GradientTerms:
+    """d loss / d logits = sign * exp(z - shift) on every column, except the number-token
+    columns (``number_grad`` [T, N_local]) and the label's column (``label_grad``)."""
+
+    shift: torch.Tensor
+    negative: torch.Tensor       # rows whose common coefficient is negative
+    full_coef: torch.Tensor      # that coefficient (times the softmax)
+    number_grad: torch.Tensor
+    g_ce: torch.Tensor           # label column = its value above minus g_ce
+
+
+def gradient_terms(grads, zn: torch.Tensor, rows: RowLabels, stats: RowStatistics,
+                   shard: VocabShard, spec: OpSpec) -> GradientTerms:
+    values = shard.number_values
+    zero = torch.zeros_like(stats.lse)
+    g_ce, g_ntl, g_yhat, g_mass = (zero if g is None else g.float() for g in grads)
+    g_ntl = torch.where(rows.is_number, g_ntl, zero)
+    g_ce = torch.where(rows.valid, g_ce, zero)
+    # reweigh: l = m * base + c (1 - m), so dl = m dbase + (base - c) dm
+    base_scale = stats.mass if spec.reweigh else torch.ones_like(stats.mass)
+    g_mass_total = g_mass + (g_ntl * (stats.base - worst_loss(spec.max_distance)) if spec.reweigh else zero)
+    full_coef = g_ce - g_mass_total * stats.mass  # times softmax q_k on every column
+    g_value = g_yhat + (g_ntl * base_scale * dot_product_loss_grad(spec.ntl_kind, stats.yhat,
+                                                                   rows.y)
+                        if spec.ntl_kind not in ("was", None) else zero)
+
+    p = torch.exp(zn - stats.nlse.unsqueeze(1))  # softmax over number tokens
+    number_grad = torch.exp(zn - stats.lse.unsqueeze(1)) * (full_coef + g_mass_total).unsqueeze(1)
+    number_grad += p * (g_value.unsqueeze(1) * (values - stats.yhat.unsqueeze(1)))
+    if spec.ntl_kind == "was":
+        d = number_distance(values, rows.y.unsqueeze(1), spec.squash)
+        number_grad += p * ((g_ntl * base_scale).unsqueeze(1) * (d - stats.base.unsqueeze(1)))
+    # q_k * full_coef = +-exp(z_k - lse + log|full_coef|); full_coef == 0 -> shift +inf -> 0
+    shift = stats.lse - torch.log(full_coef.abs())
+    return GradientTerms(shift, full_coef < 0, full_coef, number_grad, g_ce)
+
+
+# ---------------------------------------------------------------------- the shard header
+def _header(shard: VocabShard, nonfinite: Optional[torch.Tensor], device) -> torch.Tensor:
+    """This rank's row of the header (other rows -1, so the MAX all-reduce assembles it)."""
+    header = torch.full((shard.group_size, _HEADER_SLOTS), -1.0, device=device)
+    header[shard.rank, 0], header[shard.rank, 1] = shard.start, shard.end
+    header[shard.rank, 2] = 0.0 if nonfinite is None else nonfinite.clamp(max=_FP32_EXACT)
+    header[shard.rank, 3] = 0.0 if shard.fits else 1.0
+    return header
+
+
+def _check_header(header: torch.Tensor, shard: VocabShard, spec: OpSpec) -> None:
+    """Every rank sees the same header after the MAX all-reduce, so all raise together. By
+    default the check is a device-side assert (no host sync); ``read_header`` reads it on the
+    host and names the rank and the problem."""
+    if spec.read_header:
+        _raise_on_bad_header(header.tolist(), shard.vocab_size)
+    elif shard.parallel:
+        starts, ends = header[:, 0], header[:, 1]
+        ok = ((header[:, 3] == 0).all() & (starts[0] == 0) & (ends[-1] == shard.vocab_size)
+              & (ends[:-1] == starts[1:]).all())
+        torch._assert_async(ok, "tensor-parallel vocab shards are inconsistent: a rank's logits "
+                                "do not fit its vocab slice, or the slices do not partition the "
+                                "vocab in rank order (set ntl.check_inputs for the details)")
+
+
+def _raise_on_bad_header(rows, vocab_size: int) -> None:
+    for r, (start, end, _nonfinite, err) in enumerate(rows):
+        if err == 1.0:
+            raise ValueError(f"tensor-parallel rank {r}: its logits shard does not fit the vocab "
+                             f"slice [{int(start)}, {int(end)}) of a {vocab_size}-token vocab")
+    bounds = [(int(s), int(e)) for s, e, _, _ in rows]
+    if bounds[0][0] != 0 or bounds[-1][1] != vocab_size or any(
+            a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"vocab shards {bounds} do not partition [0, {vocab_size}) in rank order")
+    bad = {r: int(n) for r, (_, _, n, _) in enumerate(rows) if n > 0}
+    if bad:
+        raise ValueError(f"logits contain {sum(bad.values())} non-finite values "
+                         f"(per tensor-parallel rank: {bad})")
