@@ -1,64 +1,14 @@
-"""Pretrain a Llama-style model from scratch with DeepSpeed ZeRO-3 and CE + lambda*NTL.
+"""Pretrain with DeepSpeed ZeRO-3 and CE + lambda*NTL (the same as ``ntl-pretrain``).
 
     deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/zero3_cpu_tiny.json \
         --model configs/model/llama_tiny.json
-
-The ds_config's ``"ntl"`` section configures the number token loss (see
-ntl_deepspeed/integrations/deepspeed_config.py). Layouts: data parallel only (full-vocab logits),
-or DeepSpeed AutoTP with ``"tensor_parallel": {"autotp_size": N, "vocab_parallel_lm_head":
-true}`` (vocab-sharded logits; our fused op replaces the model's loss function).
 """
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--deepspeed_config", required=True)
-    ap.add_argument("--model", required=True, help="model config JSON (transformers LlamaConfig)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="tokenizer (.model / tokenizer.json / dir); default: train one on the corpus")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--corpus-sentences", type=int, default=20000)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "pretrain"))
-    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end)")
-    ap.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoints")
-    ap.add_argument("--ntl-weight", type=float, default=None, help="override ntl.weight")
-    ap.add_argument("--plain-ce", action="store_true",
-                    help="keep the model's own CE loss (no NTL): the baseline to compare with")
-    ap.add_argument("--mpi", action="store_true", help="discover ranks from MPI (mpirun)")
-    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--no-save", action="store_true", help="skip the final checkpoint")
-    return ap.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch
-
-    from ntl_deepspeed.train.trainer import Trainer, exit_worker
-
-    torch.manual_seed(args.seed)
-    try:
-        trainer = Trainer.from_args(args)
-        trainer.train()
-    except BaseException:
-        # a failed worker must exit: gloo/ZeRO threads can otherwise keep it alive forever
-        traceback.print_exc()
-        exit_worker(1)
-    exit_worker(0)
-
+from ntl_deepspeed.train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

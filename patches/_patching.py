@@ -20,13 +20,13 @@ _MAX_CHAIN = 64
 
 
 class Slot:
-    """Where a patched callable lives: ``owner.name`` or ``owner[name]`` (``item=True``)."""
+    """Where a patched callable lives: ``owner.name`` or ``owner[name]`` (``item=True``).
+    ``backing``: the instance attribute a property ``name`` stores into (HF models'
+    ``loss_function`` -> ``_loss_function``), deleted again on restore if it was absent."""
 
-    def __init__(self, owner: Any, name: str, item: bool = False, description: str = ""):
-        self.owner, self.name, self.item = owner, name, item
-        self.description = description or f"{getattr(owner, '__name__', type(owner).__name__)}" \
-                                          f"{'[%r]' % name if item else '.' + name}"
-        self._was_own = item or name in getattr(owner, "__dict__", {})
+    def __init__(self, owner: Any, name: str, item: bool = False, backing: Optional[str] = None):
+        self.owner, self.name, self.item, self.backing = owner, name, item, backing
+        self._was_own = item or (backing or name) in getattr(owner, "__dict__", {})
 
     def same_as(self, other: "Slot") -> bool:
         return self.owner is other.owner and self.name == other.name
@@ -43,12 +43,8 @@ class Slot:
     def restore(self, original) -> None:
         """Put ``original`` back; an attribute that came from the class is deleted again."""
         if not self._was_own:
-            try:
-                delattr(self.owner, self.name)
-                if self.get() is original or getattr(self.get(), "__func__", None) is original:
-                    return
-            except AttributeError:
-                pass  # e.g. a property without a deleter: set it back below
+            delattr(self.owner, self.backing or self.name)  # the class's (or property's) again
+            return
         self.set(original)
 
 
@@ -61,6 +57,7 @@ class Patch:
         self._original: Optional[Callable] = None
         self._slot: Optional[Slot] = None
         self._active = False
+        self.settings: Any = None  # whatever the wrapper reads at call time (updatable)
 
     def install(self, slot: Slot) -> Callable:
         if self._wrapper is not None and self._slot.same_as(slot) and self._in_chain(slot.get()):

@@ -1,34 +1,36 @@
 """Let a Hugging Face causal LM's ``lm_head`` compute CE + lambda*NTL without the logits.
 
-With labels, the head's forward runs :func:`~ntl_deepspeed.fused_linear_ce_ntl` on the hidden
-states and returns the loss (a scalar) in place of the logits; the model's ``loss_function``
-then passes that loss through. Without labels (generation, evaluation) the head is untouched
-and returns logits.
+While the model trains and is called with labels, the head's forward runs
+:func:`~ntl_deepspeed.ce_ntl` on the hidden states and its own weight (and bias) and returns the
+loss (a scalar) in place of the logits; the model's ``loss_function`` then passes that loss
+through (``outputs.logits`` is then None, never the loss). Without labels, or in eval mode, the
+head is untouched: real logits, and the loss (if labels are given) on those logits.
 
 Why inside the head's forward: under ZeRO-3 the head's weight is gathered only while its own
 module runs, and ZeRO's backward hooks attach to the module's outputs; returning the loss from
-the head gives the fused op a gathered weight in forward and in backward, with no extra gather.
+the head gives the op a gathered weight in forward and in backward, with no extra gather.
 For DeepSpeed AutoTP's vocab-parallel head the hidden states first pass an identity whose
 backward all-reduces their gradient over the TP group, as the head's own forward does.
+
+Models that post-process the head's output inside their forward (Gemma 2/3's
+``final_logit_softcapping``) would apply that to the loss: they are refused with a clear error.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from ..config import NTLConfig
-from ..loss import CENTLOutput
-from ..numbers import NumberVocab
-from ..ops.fused_linear import (DEFAULT_BLOCK, DEFAULT_TOKEN_CHUNK, check_blocking,
-                                fused_linear_ce_ntl)
-from .hf_loss import (check_ignore_index, local_number_count, reduction_for, scaled_loss,
-                      shift_left)
-from .flops import record_ce_ntl_flops
+from ntl_deepspeed.parallel import group_size
 
-_MARK = "__ntl_fused_head__"
+from ._patching import Patch, Slot
+from .hf_loss import HFLoss
+
+# model config attributes that post-process the LM head's output inside the model's forward
+POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale",
+                   "logits_scaling")
 
 
 class _AllReduceGradOverTP(torch.autograd.Function):
@@ -61,101 +63,97 @@ def _labels_argument(forward) -> Callable:
     return find
 
 
-class FusedHeadLoss:
-    """Installs the fused head on a ``*ForCausalLM`` model (see the module docstring).
+def check_no_post_processing(model) -> None:
+    config = getattr(model, "config", None)
+    found = {a: getattr(config, a) for a in POST_PROCESSING if getattr(config, a, None)
+             not in (None, 0, 1, 1.0, False)}
+    if found:
+        raise ValueError(f"{type(model).__name__} post-processes its LM head's output ({found}): "
+                         "the fused head would apply that to the loss. Use the materialised "
+                         "path (ntl.fused_head false) for this model")
 
-    ``tp_group``/``vocab_start_index`` describe a vocab-parallel head (AutoTP: its ``mp_group``
-    and ``vocab_start_index``); ``dp_group`` is used for ``"global"`` normalization.
-    ``on_output`` receives every :class:`CENTLOutput`. ``remove()`` restores the model.
-    """
 
-    def __init__(self, vocab: NumberVocab, config: NTLConfig, tp_group=None,
-                 vocab_start_index: Optional[int] = None, dp_group=None,
-                 block_size: int = DEFAULT_BLOCK, token_chunk: int = DEFAULT_TOKEN_CHUNK,
-                 on_output: Optional[Callable[[CENTLOutput], None]] = None,
-                 check_finite: bool = False):
-        check_blocking(block_size, token_chunk)  # at install, not at the first step
-        self.vocab, self.config, self.tp_group = vocab, config, tp_group
-        self.vocab_start_index, self.dp_group = vocab_start_index, dp_group
-        self.block_size, self.token_chunk = block_size, token_chunk
-        self.on_output, self.check_finite = on_output, check_finite
-        self._labels = None  # (labels, shift_labels, num_items_in_batch) of the running forward
+class FusedHead:
+    """The fused head of one model (see the module docstring); ``remove()`` restores it."""
+
+    def __init__(self, loss: HFLoss):
+        self.loss = loss
+        self._pending = None  # (labels, shift_labels, num_items_in_batch) of the running forward
         self._head_returned_loss = False
-        self._handles, self._model, self._head = [], None, None
+        self._hooks = []
+        self._head_patch = Patch(self._head_forward)
+        self._loss_patch = Patch(lambda original: self._pass_through_loss(original))
 
-    # ------------------------------------------------------------------ install / remove
-    def install(self, model):
+    def install(self, model) -> "FusedHead":
         head = model.get_output_embeddings()
         if head is None or not hasattr(head, "weight"):
             raise TypeError(f"{type(model).__name__}.get_output_embeddings() returned {head!r}: "
                             "the fused head needs an lm_head with a weight")
-        if getattr(head.forward, _MARK, False):
-            return self  # already installed
+        check_no_post_processing(model)
+        if self._head_patch.applied:
+            return self
         find_labels = _labels_argument(model.forward)
-        original = head.forward
 
-        def capture(_module, args, kwargs):
-            self._labels = find_labels(args, kwargs)
+        def capture(module, args, kwargs):
+            self._pending = find_labels(args, kwargs) if module.training else None
             self._head_returned_loss = False
 
         def release(_module, _args, _kwargs, output):
-            self._labels = None
+            self._pending = None
+            if self._head_returned_loss and hasattr(output, "logits"):
+                output.logits = None  # never a loss in the logits field
             return output
 
-        def fused_forward(hidden, *args, **kwargs):
-            labels, shift_labels, num_items = self._labels or (None, None, None)
-            if labels is None and shift_labels is None:  # generation / eval: logits
-                return original(hidden, *args, **kwargs)
-            self._labels = None  # one loss per model forward
-            loss = self._loss(head, hidden, labels, shift_labels, num_items)
-            self._head_returned_loss = True
-            return loss
-
-        setattr(fused_forward, _MARK, True)
-        fused_forward.__wrapped__ = original
-        head.forward = fused_forward
-        self._handles = [model.register_forward_pre_hook(capture, with_kwargs=True),
-                         model.register_forward_hook(release, with_kwargs=True)]
-        self._model, self._head = model, head
-        model.loss_function = self._pass_through_loss
+        self._head = head
+        self._head_patch.install(Slot(head, "forward"))
+        self._loss_patch.install(Slot(model, "loss_function", backing="_loss_function"))
+        self._hooks = [model.register_forward_pre_hook(capture, with_kwargs=True),
+                       model.register_forward_hook(release, with_kwargs=True)]
         return self
 
     def remove(self) -> None:
-        if self._head is None:
-            return
-        for handle in self._handles:
-            handle.remove()
-        del self._head.forward  # the class's forward again
-        if getattr(self._model, "_loss_function", None) == self._pass_through_loss:
-            del self._model._loss_function
-        self._handles, self._model, self._head = [], None, None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._head_patch.remove()
+        self._loss_patch.remove()
 
-    # ------------------------------------------------------------------ the loss
-    def _loss(self, head, hidden, labels, shift_labels, num_items_in_batch):
-        if shift_labels is None:
-            shift_labels = shift_left(labels, self.config.ignore_index)
-        shift_labels = shift_labels.to(hidden.device)
-        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
-            hidden = _AllReduceGradOverTP.apply(hidden, self.tp_group)
-        out = fused_linear_ce_ntl(hidden, head.weight, shift_labels, self.vocab, self.tp_group,
-                                  self.config, bias=getattr(head, "bias", None),
-                                  vocab_start_index=self.vocab_start_index,
-                                  block_size=self.block_size, token_chunk=self.token_chunk,
-                                  dp_group=self.dp_group, check_finite=self.check_finite,
-                                  reduction=reduction_for(num_items_in_batch))
-        width = head.weight.shape[0]
-        record_ce_ntl_flops(shift_labels.numel(), width,
-                            local_number_count(self.vocab, self.vocab_start_index, width))
-        if self.on_output is not None:
-            self.on_output(out)
-        return scaled_loss(out, num_items_in_batch)
+    def _head_forward(self, original):
+        head_of = self
 
-    def _pass_through_loss(self, logits, labels=None, vocab_size=None, num_items_in_batch=None,
-                           ignore_index: int = -100, **_):
-        check_ignore_index(ignore_index, self.config)
-        if not self._head_returned_loss:
-            raise RuntimeError("fused head: the model asked for its loss but lm_head did not "
-                               "compute it (was the head called with logits_to_keep != 0, or "
-                               "outside the model's forward?)")
-        self._head_returned_loss = False
-        return logits  # the head's output is the loss
+        def forward(hidden, *args, **kwargs):
+            labels, shift_labels, num_items = head_of._pending or (None, None, None)
+            if labels is None and shift_labels is None:  # generation / eval: logits
+                return original(hidden, *args, **kwargs)
+            head_of._pending = None  # one loss per model forward
+            head = head_of._head
+            if group_size(head_of.loss.tp_group) > 1:
+                hidden = _AllReduceGradOverTP.apply(hidden, head_of.loss.tp_group)
+            loss = head_of.loss(labels, shift_labels, num_items, width=head.weight.shape[0],
+                                device=hidden.device, hidden=hidden, head_weight=head.weight,
+                                head_bias=getattr(head, "bias", None))
+            head_of._head_returned_loss = True
+            return loss
+
+        return forward
+
+    def _pass_through_loss(self, original):
+        materialised = self.loss.loss_function()
+
+        def loss_function(logits, labels=None, vocab_size=None, num_items_in_batch=None,
+                          ignore_index: int = -100, **kwargs):
+            self.loss.check_ignore_index(ignore_index)
+            if not self._head_returned_loss:  # eval / no-grad forward: real logits
+                if logits.dim() == 0:
+                    raise RuntimeError("fused head: lm_head returned a loss outside the model's "
+                                       "forward (was it called with logits_to_keep != 0?)")
+                return materialised(logits, labels, vocab_size, num_items_in_batch,
+                                    ignore_index, **kwargs)
+            return logits  # the head's output is the loss
+
+        return loss_function
+
+
+def install(model, loss: HFLoss) -> FusedHead:
+    """Install the fused head on a ``*ForCausalLM`` model."""
+    return FusedHead(loss).install(model)

@@ -3,18 +3,22 @@
 ``apply(vocab, config)`` replaces ``LOSS_MAPPING["ForCausalLM"]`` (used by every ``*ForCausalLM``
 whose ``loss_function`` was not set explicitly); ``apply(vocab, config, model=m)`` patches one
 model only. Labels are shifted as transformers does. For DeepSpeed AutoTP's vocab-parallel head,
-pass ``tp_group`` and ``vocab_start_index`` (the DeepSpeed integration does this for you).
-``remove()`` restores the original. Idempotent.
+pass ``tp_group`` and ``vocab_start_index`` (``ntl_deepspeed.integrations.deepspeed.install``
+does this for you). ``remove()`` restores the original. Idempotent: a second ``apply`` only
+updates the settings.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
-from ntl_deepspeed import NTLConfig, NumberVocab
-from ntl_deepspeed.integrations.hf_loss import make_causal_lm_loss
+from ntl_deepspeed.config import NTLConfig
+from ntl_deepspeed.numbers import NumberVocab
+
+from ._patching import Patch, Slot
+from .hf_loss import HFLoss
 
 TARGET = "transformers.loss.loss_utils.LOSS_MAPPING['ForCausalLM']"
-_MARK = "__ntl_deepspeed_patch__"
 
 
 def _mapping():
@@ -27,38 +31,40 @@ def _mapping():
     return LOSS_MAPPING
 
 
+def _loss_patch() -> Patch:
+    """A patch whose wrapper runs the settings currently stored on it (``patch.settings``)."""
+    patch = Patch(lambda original: lambda *args, **kwargs: patch.settings(*args, **kwargs))
+    return patch
+
+
+_global_patch = _loss_patch()
+_model_patches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def apply(vocab: NumberVocab, config: Optional[NTLConfig] = None, model=None, tp_group=None,
-          vocab_start_index: Optional[int] = None, on_output=None):
-    """Install CE + lambda*NTL globally, or on ``model`` only. Returns the loss function."""
-    loss = make_causal_lm_loss(vocab, config or NTLConfig(), tp_group=tp_group,
-                               vocab_start_index=vocab_start_index, on_output=on_output)
-    setattr(loss, _MARK, True)
-    if model is not None:
-        current = model.loss_function
-        loss.__wrapped__ = getattr(current, "__wrapped__", current)
-        model.loss_function = loss
-        return loss
-    mapping = _mapping()
-    current = mapping["ForCausalLM"]
-    loss.__wrapped__ = getattr(current, "__wrapped__", current) if getattr(current, _MARK,
-                                                                           False) else current
-    mapping["ForCausalLM"] = loss
+          vocab_start_index: Optional[int] = None, dp_group=None, on_output=None) -> HFLoss:
+    """Install CE + lambda*NTL globally, or on ``model`` only. Returns the :class:`HFLoss`."""
+    if not isinstance(config, (NTLConfig, type(None))):
+        raise TypeError(f"config must be an NTLConfig (e.g. NTLConfig.from_dict({config!r})), "
+                        f"got {type(config).__name__}")
+    loss = HFLoss(vocab, config or NTLConfig(), tp_group, vocab_start_index, dp_group, on_output)
+    if model is None:
+        patch, slot = _global_patch, Slot(_mapping(), "ForCausalLM", item=True)
+    else:
+        patch = _model_patches.setdefault(model, _loss_patch())
+        slot = Slot(model, "loss_function", backing="_loss_function")
+    patch.settings = loss.loss_function()
+    patch.install(slot)
     return loss
 
 
 def remove(model=None) -> None:
     """Restore the original loss (globally, or on ``model``). No-op when not patched."""
-    if model is not None:
-        current = model.loss_function
-        if getattr(current, _MARK, False):
-            del model._loss_function
-        return
-    mapping = _mapping()
-    current = mapping["ForCausalLM"]
-    if getattr(current, _MARK, False):
-        mapping["ForCausalLM"] = current.__wrapped__
+    patch = _global_patch if model is None else _model_patches.pop(model, None)
+    if patch is not None:
+        patch.remove()
 
 
 def is_applied(model=None) -> bool:
-    current = model.loss_function if model is not None else _mapping()["ForCausalLM"]
-    return getattr(current, _MARK, False)
+    patch = _global_patch if model is None else _model_patches.get(model)
+    return patch is not None and patch.applied

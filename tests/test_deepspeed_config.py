@@ -1,27 +1,28 @@
 """The ds_config "ntl" section: defaults, conversion to NTLConfig, errors naming the key."""
+import json
+
 import pytest
 
 from ntl_deepspeed import NTLConfig
-from ntl_deepspeed.integrations.deepspeed import parse_ntl_section, split_ds_config
+from ntl_deepspeed.integrations.deepspeed import split_config
 
 
 def test_absent_section_disables_ntl():
-    assert parse_ntl_section({"train_batch_size": 8}).enabled is False
+    assert split_config({"train_batch_size": 8})[1].enabled is False
 
 
 def test_defaults_and_conversion():
-    section = parse_ntl_section({"ntl": {}})
+    section = split_config({"ntl": {}})[1]
     assert (section.weight, section.kind, section.mode, section.fused_head) == (0.3, "was",
                                                                                 "digits", False)
-    cfg = parse_ntl_section({"ntl": {"kind": "mse", "weight": 0.5, "reweigh": True,
-                                     "normalization": "global", "ignore_index": -1}}
-                            ).to_ntl_config()
+    cfg = split_config({"ntl": {"kind": "mse", "weight": 0.5, "reweigh": True,
+                                "normalization": "global", "ignore_index": -1}})[1]
     assert cfg == NTLConfig(kind="mse", weight=0.5, reweigh=True, normalization="global",
                             ignore_index=-1)
 
 
 def test_split_removes_only_the_ntl_section():
-    ds, section = split_ds_config({"zero_optimization": {"stage": 3}, "ntl": {"weight": 0.1}})
+    ds, section = split_config({"zero_optimization": {"stage": 3}, "ntl": {"weight": 0.1}})
     assert ds == {"zero_optimization": {"stage": 3}} and section.weight == 0.1
 
 
@@ -29,29 +30,42 @@ def test_split_removes_only_the_ntl_section():
     ({"fused_head": "maybe"}, "ntl.fused_head"),
     ({"normalization": "batch"}, "ntl.normalization"),
     ({"weight": float("nan")}, "ntl.weight"),
+    ({"weight": "0.3"}, "ntl.weight: expected a number"),
     ({"log_metrics": "often"}, "ntl.log_metrics"),
+    ({"squash_factor": float("inf")}, "ntl.squash_factor"),
 ])
 def test_more_bad_values_name_the_key(section, message):
     with pytest.raises(ValueError, match=message):
-        parse_ntl_section({"ntl": section})
+        split_config({"ntl": section})
 
 
 def test_section_must_be_an_object():
     with pytest.raises(ValueError, match='"ntl" must be an object'):
-        parse_ntl_section({"ntl": [0.3]})
+        split_config({"ntl": [0.3]})
+
+
+def test_json_errors_name_the_file(tmp_path):
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"ntl": {"weight": 0.3,}}')
+    with pytest.raises(ValueError, match=f"{broken}: not valid JSON"):
+        split_config(str(broken))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"ntl": {"kind": "rmse"}}))
+    with pytest.raises(ValueError, match=f'invalid "ntl" section of {bad}: ntl.kind'):
+        split_config(str(bad))
 
 
 def test_fused_head_keys():
-    section = parse_ntl_section({"ntl": {"fused_head": True, "fused_block_size": 256}})
+    section = split_config({"ntl": {"fused_head": True, "fused_block_size": 256}})[1]
     assert (section.fused_head, section.fused_block_size) == (True, 256)
     with pytest.raises(ValueError, match="ntl.fused_block_size"):
-        parse_ntl_section({"ntl": {"fused_block_size": 0}})
+        split_config({"ntl": {"fused_block_size": 0}})
 
 
 def test_vocab_parallel_head_needs_the_pinned_deepspeed(monkeypatch):
     import deepspeed
 
-    from ntl_deepspeed.train.trainer import check_deepspeed_for_autotp
+    from ntl_deepspeed.integrations.deepspeed import check_deepspeed_for_autotp
 
     tp = {"tensor_parallel": {"autotp_size": 2, "vocab_parallel_lm_head": True}}
     check_deepspeed_for_autotp(tp)  # the installed, pinned version

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dist_utils import free_port
-from ntl_deepspeed.integrations.deepspeed import parse_ntl_section
+from ntl_deepspeed.integrations.deepspeed import split_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "zero3_cpu_tiny.json")
@@ -162,13 +162,15 @@ def test_dead_worker_fails_the_launch_quickly(tmp_path):
     ({"weight": -1}, "ntl.weight"),
     ({"kind": "rmse"}, "ntl.kind"),
     ({"lambda": 0.3}, "ntl.lambda"),
+    ({"wieght": 0.3}, "did you mean 'weight'"),
+    ({"reweigh": "yes"}, "ntl.reweigh"),
     ({"squash_factor": 0.5}, "ntl.squash_factor"),
     ({"kind": "mse", "squash_factor": 3}, "squash_factor applies to kind 'was' only"),
     ({"mode": "roman"}, "ntl.mode"),
 ])
 def test_bad_ntl_section_names_the_key(section, message):
     with pytest.raises(ValueError, match=message):
-        parse_ntl_section({"ntl": section})
+        split_config({"ntl": section})
 
 
 def test_bad_ntl_section_stops_the_launch(tmp_path):

@@ -7,7 +7,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from ntl_deepspeed import NTLConfig, NumberVocab  # noqa: E402
 from ntl_deepspeed.integrations.flops import ce_ntl_forward_flops  # noqa: E402
-from ntl_deepspeed.integrations.hf_loss import make_causal_lm_loss  # noqa: E402
+from ntl_deepspeed.patches.hf_loss import HFLoss  # noqa: E402
 
 
 def profiled_flops(model, ids):
@@ -31,6 +31,6 @@ def test_profile_counts_the_ce_ntl_op():
                                          num_hidden_layers=1, num_attention_heads=2))
     ids = torch.randint(0, 64, (2, 16))
     stock = profiled_flops(model, ids)  # HF's own CE: invisible to the profiler
-    model.loss_function = make_causal_lm_loss(vocab, NTLConfig())
+    model.loss_function = HFLoss(vocab, NTLConfig()).loss_function()
     ours = profiled_flops(model, ids)
     assert ours - stock == ce_ntl_forward_flops(2 * 16, 64, 10)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
-from ntl_deepspeed.patches.fused_head import FusedHeadLoss
+from ntl_deepspeed.patches import fused_head
+from ntl_deepspeed.patches.hf_loss import HFLoss
 from tiny_llama import TOKENS, model_and_batch, reference_loss
 
 
@@ -26,12 +27,11 @@ def test_fused_head_equals_logits_path(kind, bias, tied, block, chunk):
     ref_grads = grads(model)
     model.zero_grad()
     seen = []
-    fused = FusedHeadLoss(vocab, NTLConfig(kind=kind, weight=0.3), block_size=block,
-                          token_chunk=chunk,
-                          on_output=seen.append).install(model)
+    config = NTLConfig(kind=kind, weight=0.3, fused_block_size=block, fused_token_chunk=chunk)
+    fused = fused_head.install(model, HFLoss(vocab, config, on_output=seen.append))
     out = model(input_ids=ids, labels=labels)
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
-    assert out.logits is out.loss or out.logits.dim() == 0  # no [B, S, V] logits were made
+    assert out.logits is None  # no [B, S, V] logits were made, and never the loss
     out.loss.backward()
     ours = grads(model)
     assert ours.keys() == ref_grads.keys()
@@ -48,8 +48,8 @@ def test_without_labels_gives_logits_and_install_is_idempotent_and_reversible():
     vocab = NumberVocab.from_tokens(TOKENS)
     stock_logits = model(input_ids=ids).logits
     stock_loss = model(input_ids=ids, labels=labels).loss
-    fused = FusedHeadLoss(vocab, NTLConfig()).install(model)
-    FusedHeadLoss(vocab, NTLConfig()).install(model)  # second install: no-op
+    fused = fused_head.install(model, HFLoss(vocab, NTLConfig()))
+    fused.install(model)  # second install: no-op
     torch.testing.assert_close(model(input_ids=ids).logits, stock_logits)
     by_keyword = model(input_ids=ids, labels=labels).loss
     positional = model(ids, None, None, None, None, labels).loss  # labels found by signature
@@ -59,6 +59,31 @@ def test_without_labels_gives_logits_and_install_is_idempotent_and_reversible():
     fused.remove()
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, stock_loss)
     assert not hasattr(model.lm_head.forward, "__wrapped__")
+    assert "forward" not in vars(model.lm_head) and "_loss_function" not in vars(model)
+
+
+def test_eval_with_labels_gives_real_logits_and_the_materialised_loss():
+    model, ids, labels = model_and_batch()
+    vocab = NumberVocab.from_tokens(TOKENS)
+    ref = reference_loss(model, ids, labels, vocab, "was")
+    stock_logits = model(input_ids=ids).logits
+    fused = fused_head.install(model, HFLoss(vocab, NTLConfig(weight=0.3)))
+    model.eval()
+    out = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, stock_logits)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    fused.remove()
+
+
+def test_models_that_post_process_the_head_are_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=30.0))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        fused_head.install(model, HFLoss(NumberVocab.from_tokens(TOKENS), NTLConfig()))
 
 
 @pytest.mark.parametrize("path", ["logits", "fused"])
@@ -75,7 +100,7 @@ def test_num_items_in_batch_follows_transformers_accumulation_convention(path):
     ref = (F.cross_entropy(logits.reshape(-1, 64), shifted.reshape(-1), reduction="sum")
            + 0.3 * ntl_loss(logits, shifted, vocab, "was", reduction="sum")) / n_items
     if path == "fused":
-        undo = FusedHeadLoss(vocab, NTLConfig(weight=0.3)).install(model).remove
+        undo = fused_head.install(model, HFLoss(vocab, NTLConfig(weight=0.3))).remove
     else:
         patch.apply(vocab, NTLConfig(weight=0.3), model=model)
         undo = lambda: patch.remove(model)  # noqa: E731

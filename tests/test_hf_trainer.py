@@ -11,14 +11,15 @@ def one_sgd_step(tmp_path, batch, accumulation, fused):
     from transformers import Trainer, TrainingArguments
 
     import ntl_deepspeed.patches.transformers as patch
-    from ntl_deepspeed.patches.fused_head import FusedHeadLoss
+    from ntl_deepspeed.patches import fused_head
+    from ntl_deepspeed.patches.hf_loss import HFLoss
 
     model, ids, labels = model_and_batch()
     ids, labels = ids.repeat(2, 1), labels.repeat(2, 1)  # 4 rows
     labels[2, 4:] = -100  # rows with different valid-token counts: means and sums differ
     vocab = NumberVocab.from_tokens(TOKENS)
     if fused:
-        FusedHeadLoss(vocab, NTLConfig(weight=0.3)).install(model)
+        fused_head.install(model, HFLoss(vocab, NTLConfig(weight=0.3)))
     else:
         patch.apply(vocab, NTLConfig(weight=0.3), model=model)
     rows = [{"input_ids": i, "labels": l} for i, l in zip(ids[[2, 0, 1, 3]], labels[[2, 0, 1, 3]])]

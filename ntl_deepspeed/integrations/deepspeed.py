@@ -1,64 +1,113 @@
-"""The ``"ntl"`` section of a DeepSpeed config, validated like DeepSpeed's own sections."""
+"""DeepSpeed: the ``"ntl"`` section of a ds_config, and NTL installed on an engine.
+
+What a user's own training script calls; our trainer (:mod:`ntl_deepspeed.train`) uses exactly
+this. ``split_config`` validates and removes ``"ntl"`` before DeepSpeed sees the config
+(DeepSpeed accepts unknown top-level keys silently). ``install`` puts CE + lambda*NTL on the
+engine's model -- as its ``loss_function`` (materialised logits) or inside its ``lm_head``
+(``fused_head``) -- with the layout DeepSpeed chose: data parallel only, or AutoTP with a
+vocab-parallel head (its TP group and ``vocab_start_index``).
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Optional
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ..config import NTLConfig
+from ..loss import CENTLOutput
+from ..numbers import NumberVocab
+from .flops import book_into_root
+
+REQUIRED_DEEPSPEED = "0.19.8"  # the vocab-parallel AutoTP head exists only there
 
 
-class NTLSection(BaseModel):
-    """``"ntl": {...}`` in a ds_config JSON. Unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True
-    weight: float = Field(0.3, ge=0, allow_inf_nan=False, description="lambda in CE + lambda*NTL")
-    kind: Literal["was", "mse", "l1", "huber", "number_level"] = "was"
-    mode: Literal["digits", "integers", "floats"] = "digits"
-    reweigh: bool = False
-    squash_factor: Optional[float] = Field(None, gt=1)
-    normalization: Literal["micro_batch", "global", "token"] = "micro_batch"
-    ignore_index: int = -100
-    float_level: bool = False
-    log_metrics: bool = True
-    check_finite: bool = False
-    fused_head: bool = Field(False, description="lm_head + loss without materialised logits")
-    fused_block_size: int = Field(1024, ge=1, description="vocab columns per fused-head block")
-    fused_token_chunk: int = Field(2048, ge=1, description="tokens per fused-head chunk")
-
-    @field_validator("squash_factor")
-    @classmethod
-    def _squash_only_for_was(cls, v, info):
-        if v is not None and info.data.get("kind", "was") != "was":
-            raise ValueError("squash_factor applies to kind 'was' only")
-        return v
-
-    def to_ntl_config(self) -> NTLConfig:
-        return NTLConfig(kind=self.kind, weight=self.weight, reweigh=self.reweigh,
-                         squash_factor=self.squash_factor, normalization=self.normalization,
-                         ignore_index=self.ignore_index, float_level=self.float_level,
-                         enabled=self.enabled)
-
-
-def parse_ntl_section(ds_config: Dict[str, Any]) -> NTLSection:
-    """Validate ``ds_config["ntl"]`` (absent: NTL disabled). Errors name the offending key."""
+def split_config(ds_config: Union[Dict[str, Any], str], source: Optional[str] = None
+                 ) -> Tuple[Dict[str, Any], NTLConfig]:
+    """(DeepSpeed's own config without ``"ntl"``, the validated NTLConfig). ``ds_config`` may be
+    a dict or a JSON path; errors name the file and the key. No section: NTL disabled."""
+    if isinstance(ds_config, str):
+        source = source or ds_config
+        try:
+            with open(ds_config) as f:
+                ds_config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not valid JSON ({e})") from None
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"{source or 'the DeepSpeed config'}: expected a JSON object")
     raw = ds_config.get("ntl")
-    if raw is None:
-        return NTLSection(enabled=False)
-    if not isinstance(raw, dict):
-        raise ValueError(f'ds_config "ntl" must be an object, got {type(raw).__name__}')
     try:
-        section = NTLSection(**raw)
-    except ValidationError as e:
-        problems = "; ".join(f'ntl.{".".join(map(str, err["loc"])) or "?"}: {err["msg"]}'
-                             for err in e.errors())
-        raise ValueError(f'invalid "ntl" section in the DeepSpeed config: {problems}') from None
-    return section
+        config = NTLConfig(enabled=False) if raw is None else NTLConfig.from_dict(raw)
+    except ValueError as e:
+        where = f" of {source}" if source else " in the DeepSpeed config"
+        raise ValueError(f'invalid "ntl" section{where}: {e}') from None
+    return {k: v for k, v in ds_config.items() if k != "ntl"}, config
 
 
-def split_ds_config(ds_config: Dict[str, Any]):
-    """(DeepSpeed's own config without "ntl", the parsed NTL section)."""
-    section = parse_ntl_section(ds_config)
-    return {k: v for k, v in ds_config.items() if k != "ntl"}, section
+def autotp_size(ds_config: dict) -> int:
+    return int((ds_config.get("tensor_parallel") or {}).get("autotp_size", 1) or 1)
+
+
+def check_deepspeed_for_autotp(ds_config: dict) -> None:
+    import deepspeed
+
+    tp = ds_config.get("tensor_parallel") or {}
+    if autotp_size(ds_config) > 1 and tp.get("vocab_parallel_lm_head") and \
+            deepspeed.__version__ != REQUIRED_DEEPSPEED:
+        raise RuntimeError(f"AutoTP with a vocab-parallel lm_head needs deepspeed=="
+                           f"{REQUIRED_DEEPSPEED}; installed: {deepspeed.__version__}")
+
+
+def skip_shm_comm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op (~45 s) at init on CPU; gloo needs none."""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+@dataclass
+class Layout:
+    """How DeepSpeed laid the model out: the vocab-parallel head's group and first id (None
+    without AutoTP) and the data-parallel group."""
+
+    tp_group: Any
+    vocab_start_index: Optional[int]
+    dp_group: Any
+    tp_size: int
+
+
+def engine_layout(engine) -> Layout:
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    tp = autotp_size(engine._config._param_dict)  # the raw dict DeepSpeed was given
+    if tp <= 1:
+        return Layout(None, None, dist.group.WORLD, 1)
+    head = engine.module.get_output_embeddings()
+    start = getattr(head, "vocab_start_index", None)
+    if start is None:
+        raise RuntimeError("AutoTP did not make lm_head vocab-parallel: set "
+                           '"tensor_parallel": {"vocab_parallel_lm_head": true}')
+    return Layout(groups.get_tensor_model_parallel_group(), start,
+                  groups.get_data_parallel_group(), tp)
+
+
+def install(engine, vocab: NumberVocab, config: NTLConfig,
+            on_output: Optional[Callable[[CENTLOutput], None]] = None):
+    """CE + lambda*NTL on ``engine.module`` for the engine's layout; returns the HF loss
+    settings (``.tp_group``, ``.dp_group`` ...). The flops profiler books the op's work."""
+    from ..patches import fused_head, transformers as hf
+    from ..patches.hf_loss import HFLoss
+
+    layout = engine_layout(engine)
+    loss = HFLoss(vocab, config, layout.tp_group, layout.vocab_start_index, layout.dp_group,
+                  on_output if config.log_metrics else None)
+    if config.fused_head:  # the loss runs inside lm_head, where ZeRO-3 gathers its weight
+        fused_head.install(engine.module, loss)
+    else:
+        hf.apply(vocab, config, model=engine.module, tp_group=loss.tp_group,
+                 vocab_start_index=loss.vocab_start_index, dp_group=loss.dp_group,
+                 on_output=loss.on_output)
+    book_into_root(engine.module)  # flops profiler: see flops.py
+    return loss

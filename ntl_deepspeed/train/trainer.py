@@ -11,38 +11,49 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from ..config import NTLConfig
+from ..integrations.deepspeed import (autotp_size, check_deepspeed_for_autotp, install,
+                                      skip_shm_comm_build, split_config)
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
-from ..token_sources import read_pieces
-from .deepspeed_config import NTLSection, parse_ntl_section, split_ds_config
-from .flops import book_into_root
-from .fused_head import FusedHeadLoss
-from .hf_loss import make_causal_lm_loss
+from ..numbers.token_sources import read_pieces
 from .metrics import StepMetrics, reduce_metrics
 
-REQUIRED_DEEPSPEED = "0.19.8"  # the vocab-parallel AutoTP head exists only there
 
-
-def skip_shm_comm_build() -> None:
-    """DeepSpeed JIT-compiles a shared-memory comm op (~45 s) at init on CPU; gloo needs none."""
-    import importlib
-
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
-def autotp_size(ds_config: dict) -> int:
-    return int((ds_config.get("tensor_parallel") or {}).get("autotp_size", 1) or 1)
-
-
-def check_deepspeed_for_autotp(ds_config: dict) -> None:
+def init_distributed(mpi: bool) -> None:
     import deepspeed
 
-    tp = ds_config.get("tensor_parallel") or {}
-    if autotp_size(ds_config) > 1 and tp.get("vocab_parallel_lm_head") and \
-            deepspeed.__version__ != REQUIRED_DEEPSPEED:
-        raise RuntimeError(f"AutoTP with a vocab-parallel lm_head needs deepspeed=="
-                           f"{REQUIRED_DEEPSPEED}; installed: {deepspeed.__version__}")
+    from ..device import backend
+
+    skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=mpi)
+
+
+def shared_corpus_tokenizer(seed: int) -> str:
+    """The embedded corpus' sentencepiece model: rank 0 trains it (cached), the others wait."""
+    from .data.tokenizer import train_tokenizer
+
+    if dist.get_rank() == 0:
+        train_tokenizer(seed=seed)
+    dist.barrier()
+    return train_tokenizer(seed=seed)
+
+
+def build_engine(model_config_path: str, vocab_size: int, ds_config: dict):
+    """A causal LM from a model config JSON under ZeRO-3's ``zero.Init`` (through
+    ``HfDeepSpeedConfig``, which keeps HF's initialisation; keep it alive) and its engine."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    with open(model_config_path) as f:
+        model_cfg = json.load(f)
+    model_cfg["vocab_size"] = vocab_size
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**model_cfg))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=ds_config)
+    return engine, hf_ds_config
 
 
 def pad_vocab(size: int, multiple: int) -> int:
@@ -51,8 +62,8 @@ def pad_vocab(size: int, multiple: int) -> int:
 
 def token_blocks(tokenizer_path: str, n_sentences: int, seed: int, seq_len: int) -> torch.Tensor:
     """The corpus as [n_blocks, seq_len + 1] token ids (sentences joined by EOS)."""
-    from ..data.corpus import generate
-    from ..data.encode import text_encoder
+    from .data.corpus import generate
+    from .data.encode import text_encoder
 
     encode, eos = text_encoder(tokenizer_path)
     ids: List[int] = []
@@ -78,7 +89,7 @@ class Trainer:
     args: object
     engine: object
     ds_config: dict
-    ntl: NTLSection
+    ntl: NTLConfig
     vocab: NumberVocab
     blocks: torch.Tensor
     dp_group: object
@@ -93,64 +104,27 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     @classmethod
     def from_args(cls, args) -> "Trainer":
-        import deepspeed
-        from deepspeed.utils import groups
-        from transformers import AutoModelForCausalLM, LlamaConfig
-        from transformers.integrations import HfDeepSpeedConfig
-
-        with open(args.deepspeed_config) as f:
-            ds_config, ntl = split_ds_config(json.load(f))
+        ds_config, ntl = split_config(args.deepspeed_config)
         if args.ntl_weight is not None:
-            ntl = parse_ntl_section({"ntl": {**ntl.model_dump(), "weight": args.ntl_weight}})
+            ntl = ntl.replace(weight=args.ntl_weight)
         check_deepspeed_for_autotp(ds_config)
-        skip_shm_comm_build()
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else
-                                   "nccl", auto_mpi_discovery=args.mpi)
-        tp = autotp_size(ds_config)
-
-        tokenizer = args.tokenizer
-        if tokenizer is None:
-            from ..data.tokenizer import train_tokenizer
-
-            if dist.get_rank() == 0:
-                train_tokenizer(seed=args.seed)
-            dist.barrier()
-            tokenizer = train_tokenizer(seed=args.seed)
-        with open(args.model) as f:
-            model_cfg = json.load(f)
+        init_distributed(args.mpi)
+        tokenizer = args.tokenizer or shared_corpus_tokenizer(args.seed)
         pieces, tokenizer_size = read_pieces(tokenizer)  # read once: size, then numbers
-        model_cfg["vocab_size"] = pad_vocab(tokenizer_size, 8 * tp)
-        vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=model_cfg["vocab_size"],
+        vocab_size = pad_vocab(tokenizer_size, 8 * autotp_size(ds_config))
+        vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=vocab_size,
                             tokenizer_size=tokenizer_size)
+        engine, hf_ds_config = build_engine(args.model, vocab_size, ds_config)
+        trainer = cls(args, engine, ds_config, ntl, vocab, None, None, 0, 1,
+                      autotp_size(ds_config), hf_ds_config)
+        if args.plain_ce:  # the model's own loss (the baseline to compare with)
+            from ..integrations.deepspeed import engine_layout
 
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # keeps zero.Init + HF init; keep it alive
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**model_cfg))
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=ds_config)
-        if tp > 1:
-            tp_group = groups.get_tensor_model_parallel_group()
-            dp_group = groups.get_data_parallel_group()
-            head = engine.module.lm_head
-            start = getattr(head, "vocab_start_index", None)
-            if start is None:
-                raise RuntimeError("AutoTP did not make lm_head vocab-parallel: set "
-                                   '"tensor_parallel": {"vocab_parallel_lm_head": true}')
+            trainer.dp_group = engine_layout(engine).dp_group
         else:
-            tp_group, dp_group, start = None, dist.group.WORLD, None
-        trainer = cls(args, engine, ds_config, ntl, vocab, None, dp_group,
-                      dist.get_rank(dp_group), dist.get_world_size(dp_group), tp, hf_ds_config)
-        if not args.plain_ce:  # --plain-ce keeps the model's own loss (for comparisons)
-            common = dict(tp_group=tp_group, vocab_start_index=start, dp_group=dp_group,
-                          on_output=trainer.captured.append if ntl.log_metrics else None,
-                          check_finite=ntl.check_finite)
-            if ntl.fused_head:  # the loss runs inside lm_head, where ZeRO-3 gathers its weight
-                FusedHeadLoss(vocab, ntl.to_ntl_config(), block_size=ntl.fused_block_size,
-                              token_chunk=ntl.fused_token_chunk,
-                              **common).install(engine.module)
-            else:
-                engine.module.loss_function = make_causal_lm_loss(vocab, ntl.to_ntl_config(),
-                                                                  **common)
-        book_into_root(engine.module)  # flops profiler: see flops.py
+            trainer.dp_group = install(engine, vocab, ntl, trainer.captured.append).dp_group
+        trainer.dp_rank = dist.get_rank(trainer.dp_group)
+        trainer.dp_size = dist.get_world_size(trainer.dp_group)
         trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
         if args.resume:
             trainer.load()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator, List
+from typing import List
 
 _ITEMS = ["apples", "books", "chairs", "tickets", "bottles", "coins", "lamps", "boxes"]
 _PEOPLE = ["Ada", "Ben", "Chloe", "Dev", "Eva", "Finn", "Gia", "Hugo"]
@@ -38,6 +38,3 @@ def generate(n_sentences: int, seed: int = 0) -> List[str]:
     rng = random.Random(seed)
     return [_sentence(rng) for _ in range(n_sentences)]
 
-
-def iter_lines(n_sentences: int, seed: int = 0) -> Iterator[str]:
-    yield from generate(n_sentences, seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Tuple
 
-from ..token_sources import tokenizer_file_in
+from ...numbers.token_sources import tokenizer_file_in
 
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 
