@@ -3,7 +3,7 @@
 A character-level decoder (4 layers, d=128, 4 heads) learns ``ab*cd=efgh`` (answers zero-padded
 to 4 digits, loss on the 4 answer tokens) for a FIXED number of steps. Seeds are paired: for a
 given seed the three losses start from the same weights and see the same batches. All losses come
-from the project's op (``vocab_parallel_ce_ntl``; CE alone = NTL disabled). Evaluation: greedy
+from the project's op (``ce_ntl``; CE alone = NTL disabled). Evaluation: greedy
 decoding on 2000 held-out problems never trained on; MAE of the parsed answer (primary),
 per-digit accuracy, exact match; per-seed paired differences against CE with a 95 % t-interval.
 Writes benchmarks/results/arithmetic.{json,md,png}.
@@ -27,7 +27,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ntl_deepspeed import NTLConfig, NumberVocab, vocab_parallel_ce_ntl  # noqa: E402
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl  # noqa: E402
 
 CHARS = ["<pad>", "<bos>"] + [str(d) for d in range(10)] + ["*", "="]
 STOI = {c: i for i, c in enumerate(CHARS)}
@@ -111,7 +111,7 @@ def train_one(job):
         labels = rows[:, 1:].clone()
         labels[:, : PROMPT] = -100  # loss on the 4 answer tokens only
         t1 = time.perf_counter()
-        out = vocab_parallel_ce_ntl(logits, labels, vocab, None, cfg)
+        out = ce_ntl(labels, vocab, cfg, logits=logits)
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -1,7 +1,7 @@
 """Fused (never materialised) LM head + CE + NTL vs the materialised path: memory and time.
 
 For T tokens, hidden H and vocab V: the materialised path computes ``logits = h @ W.T`` and runs
-``vocab_parallel_ce_ntl``; the fused path runs ``fused_linear_ce_ntl``. Both do forward+backward
+``ce_ntl(logits=...)``; the fused path runs ``ce_ntl(hidden=..., head_weight=...)``. Both do forward+backward
 and produce the gradients of h and W. Peak memory above the inputs (VmHWM reset, one fresh
 process per measurement) and time (fastest of --reps) are measured in one run, with TP=2 on 2
 gloo processes. Writes benchmarks/results/fused_head.json.
@@ -24,8 +24,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loss_op import _status_kb, reset_peak_rss, token_list  # noqa: E402
-from ntl_deepspeed import (NTLConfig, NumberVocab, fused_linear_ce_ntl,  # noqa: E402
-                           vocab_parallel_ce_ntl)
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl  # noqa: E402
 from ntl_deepspeed.numbers import partition_bounds  # noqa: E402
 
 
@@ -44,14 +43,13 @@ def inputs(t, h, v, rank=0, world=1):
 def step(path, vocab, hidden, weight, labels, start, group, block, chunk):
     """One forward+backward; ``hidden`` and ``weight`` are fresh leaves (inputs, not measured)."""
     h, w = hidden, weight
-    cfg = NTLConfig(kind="was", weight=0.3)
+    cfg = NTLConfig(kind="was", weight=0.3, fused_block_size=block, fused_token_chunk=chunk)
+    shard = vocab.shard_for(w.shape[0], group, start if group is not None else None)
     t0 = time.perf_counter()
     if path == "fused":
-        out = fused_linear_ce_ntl(h, w, labels, vocab, group, cfg, vocab_start_index=start,
-                                  block_size=block, token_chunk=chunk)
+        out = ce_ntl(labels, shard, cfg, hidden=h, head_weight=w)
     else:
-        out = vocab_parallel_ce_ntl(h @ w.t(), labels, vocab, group, cfg,
-                                    vocab_start_index=start)
+        out = ce_ntl(labels, shard, cfg, logits=h @ w.t())
     out.loss.backward()
     return time.perf_counter() - t0
 

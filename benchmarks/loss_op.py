@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ntl_deepspeed import NTLConfig, NumberVocab, vocab_parallel_ce_ntl  # noqa: E402
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl  # noqa: E402
 
 SHAPES = [(8, 512, 32000), (2, 512, 128256)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -80,7 +80,8 @@ def make_step(variant, vocab, labels, v):
         ref = ntloss.NTLoss(TokenListAsHF(token_list(v)), reweigh=variant.endswith("reweigh"))
         return lambda x: F.cross_entropy(x.view(-1, v), labels.view(-1)) + 0.3 * ref(x, labels)
     enabled = variant == "ours_ntl_on"
-    return lambda x: vocab_parallel_ce_ntl(x, labels, vocab, None, cfg_on, enabled=enabled).loss
+    cfg = cfg_on.replace(enabled=enabled)
+    return lambda x: ce_ntl(labels, vocab, cfg, logits=x).loss
 
 
 def timed(step, logits):
@@ -162,7 +163,7 @@ def _tp_worker(rank, world, port, shape, reps, out_path):
     def ours_step():
         x = shard.clone().requires_grad_()
         t0 = time.perf_counter()
-        vocab_parallel_ce_ntl(x, target, vocab, group, cfg).loss.backward()
+        ce_ntl(target, vocab.shard_for(x.shape[-1], group), cfg, logits=x).loss.backward()
         return time.perf_counter() - t0
 
     counts = {}

@@ -16,7 +16,8 @@ import random
 import torch
 import torch.distributed as dist
 
-from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss, vocab_parallel_ce_ntl
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss
+from ntl_deepspeed.device import accelerator, backend
 from ntl_deepspeed.numbers import partition_bounds
 
 
@@ -40,8 +41,10 @@ def main():
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--hidden", type=int, default=64)
     args = ap.parse_args()
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) \
+        if accelerator() == "cuda" else torch.device("cpu")
     torch.manual_seed(0)
 
     import sentencepiece as spm
@@ -49,27 +52,28 @@ def main():
     path = args.tokenizer or default_tokenizer()
     sp = spm.SentencePieceProcessor(model_file=path)
     vocab = NumberVocab.from_tokenizer(path, mode="digits")
-    ids = torch.tensor([t for s in corpus(64) for t in sp.encode(s)][:2049])
+    ids = torch.tensor([t for s in corpus(64) for t in sp.encode(s)][:2049], device=dev)
     inputs, labels = ids[:-1], ids[1:]
     start, end = partition_bounds(vocab.vocab_size, world)[rank]
 
-    embed = torch.nn.Embedding(vocab.vocab_size, args.hidden)  # replicated (same seed)
-    head = torch.nn.Parameter(torch.randn(vocab.vocab_size, args.hidden)[start:end] * 0.02)
+    embed = torch.nn.Embedding(vocab.vocab_size, args.hidden).to(dev)  # replicated (same seed)
+    head = torch.nn.Parameter((torch.randn(vocab.vocab_size, args.hidden)[start:end] * 0.02)
+                              .to(dev))
     params = list(embed.parameters()) + [head]
     opt = torch.optim.SGD(params, lr=2.0)
     cfg = NTLConfig(kind="was", weight=0.3)
+    shard = vocab.shard_for(end - start, dist.group.WORLD, start, dev)  # built once, used every step
     for step in range(args.steps):
         hidden = embed(inputs)
         logits_shard = hidden @ head.t()  # [T, V/world]
-        out = vocab_parallel_ce_ntl(logits_shard, labels, vocab, dist.group.WORLD, cfg,
-                                    vocab_start_index=start)
+        out = ce_ntl(labels, shard, cfg, logits=logits_shard)
         opt.zero_grad()
         out.loss.backward()
         for p in embed.parameters():  # the replicated embedding sees every rank's partial grad
             dist.all_reduce(p.grad)
         if step == 0:
             sizes = [e - s for s, e in partition_bounds(vocab.vocab_size, world)]
-            gathered = [torch.empty(logits_shard.shape[0], n) for n in sizes]
+            gathered = [torch.empty(logits_shard.shape[0], n, device=dev) for n in sizes]
             dist.all_gather(gathered, logits_shard.detach().contiguous())
             if rank == 0:
                 whole = torch.cat(gathered, -1)

@@ -23,5 +23,10 @@ if [ ! -e "$STAMP" ]; then
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" GLOO_SOCKET_IFNAME=lo
+# CPU-only machines: DeepSpeed's CPU accelerator, gloo over loopback. With a GPU nothing is
+# forced: ntl_deepspeed.device picks cuda/nccl (an explicit DS_ACCELERATOR still wins).
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .config import NTLConfig
 from .checks import check_labels, check_logits, check_loss_weights, check_reduction
 from .number_level import assemble_numbers, symmetric_ape
 from .numbers import NumberVocab, label_targets
@@ -28,9 +29,12 @@ def _check(logits, labels, vocab, loss_weights, reduction, ignore_index):
     check_labels(labels, vocab.vocab_size, ignore_index)
 
 
-def _number_targets(labels, vocab, ignore_index):
-    _, is_number, y = label_targets(labels, vocab.values.to(labels.device), ignore_index)
-    return y, is_number
+def _prepare(logits, labels, vocab, loss_weights, reduction, ignore_index):
+    """Checked inputs as (fp32 logits, number ids, their values, label values, is_number)."""
+    _check(logits, labels, vocab, loss_weights, reduction, ignore_index)
+    z = logits.float()
+    _, is_number, y = label_targets(labels, vocab.values.to(z.device), ignore_index)
+    return z, vocab.number_ids.to(z.device), vocab.number_values.to(z.device), y, is_number
 
 
 def _reduce(per_token, mask, loss_weights, reduction):
@@ -58,15 +62,9 @@ def ntl_loss(logits: torch.Tensor, labels: torch.Tensor, number_vocab: NumberVoc
                                  reweigh=reweigh,
                                  loss_weights=loss_weights, reduction=reduction,
                                  ignore_index=ignore_index)
-    if squash_factor is not None and kind != "was":
-        raise ValueError("squash_factor applies to kind='was' only")
-    if squash_factor is not None and not squash_factor > 1:
-        raise ValueError(f"squash_factor={squash_factor} must be > 1")
-    _check(logits, labels, number_vocab, loss_weights, reduction, ignore_index)
-    z = logits.float()
-    ids = number_vocab.number_ids.to(z.device)
-    v = number_vocab.number_values.to(z.device)
-    y, is_number = _number_targets(labels, number_vocab, ignore_index)
+    NTLConfig(kind=kind, squash_factor=squash_factor, ignore_index=ignore_index)  # validates
+    z, ids, v, y, is_number = _prepare(logits, labels, number_vocab, loss_weights, reduction,
+                                       ignore_index)
 
     p = torch.softmax(z[..., ids], dim=-1)
     if kind == "was":
@@ -89,11 +87,8 @@ def number_level_loss(logits: torch.Tensor, labels: torch.Tensor, number_vocab: 
     labels and from the per-digit expected values. Needs a ``digits``-mode vocab, [B, T] labels."""
     if number_vocab.mode != "digits":
         raise ValueError("number-level NTL needs a NumberVocab in mode 'digits'")
-    _check(logits, labels, number_vocab, loss_weights, reduction, ignore_index)
-    z = logits.float()
-    ids = number_vocab.number_ids.to(z.device)
-    v = number_vocab.number_values.to(z.device)
-    y, is_digit = _number_targets(labels, number_vocab, ignore_index)
+    z, ids, v, y, is_digit = _prepare(logits, labels, number_vocab, loss_weights, reduction,
+                                      ignore_index)
     yhat = (torch.softmax(z[..., ids], dim=-1) * v).sum(-1)
     is_dot = None
     if float_level:

@@ -47,5 +47,6 @@ def test_bad_tokenizer_paths(tmp_path):
     (tmp_path / "x.tiktoken").write_text("")
     with pytest.raises(ValueError, match="tiktoken"):
         text_encoder(str(tmp_path / "x.tiktoken"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        text_encoder(str(tmp_path))
+        text_encoder(str(tmp_path / "empty"))

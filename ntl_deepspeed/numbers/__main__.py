@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ..config import MODES
-from .token_sources import tokenizer_file_in
+from .token_sources import tokenizer_file
 from .vocab import NumberVocab
 
 
@@ -29,13 +28,13 @@ def _describe(vocab: NumberVocab, tokenizer: Any, text: Optional[str]) -> str:
 
 
 def _encode(tokenizer: str, text: str) -> Tuple[List[int], List[str]]:
-    path = (tokenizer_file_in(tokenizer) or tokenizer) if os.path.isdir(tokenizer) else tokenizer
-    if path.endswith(".json"):
+    kind, path = tokenizer_file(tokenizer)
+    if kind == "json":
         from tokenizers import Tokenizer
 
         enc = Tokenizer.from_file(path).encode(text, add_special_tokens=False)
         return enc.ids, enc.tokens
-    if path.endswith(".tiktoken"):
+    if kind == "tiktoken":
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 

@@ -94,28 +94,37 @@ def tokenizer_file_in(directory: str) -> Optional[str]:
     return None
 
 
+def tokenizer_file(path: str) -> Tuple[str, str]:
+    """``(kind, file)`` for a tokenizer path: a directory is searched (tokenizer.json first,
+    then tokenizer.model, then a ``*.tiktoken``); kind is ``json``, ``tiktoken`` or
+    ``sentencepiece`` (by extension, else by content)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = tokenizer_file_in(path)
+        tik = [n for n in sorted(os.listdir(path)) if n.endswith(".tiktoken")]
+        if found is None and not tik:
+            raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or *.tiktoken "
+                                    "inside")
+        path = found or os.path.join(path, tik[0])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer not found: {path}: no such file")
+    if path.endswith(".json"):
+        return "json", path
+    if path.endswith(".tiktoken"):
+        return "tiktoken", path
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return ("json" if head.lstrip().startswith(b"{") else "sentencepiece"), path
+
+
 def read_pieces(source: Any) -> Pieces:
     """Recognise ``source`` and read its pieces (see module docstring)."""
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            found = tokenizer_file_in(path)
-            if found:
-                return read_pieces(found)
-            tik = [n for n in os.listdir(path) if n.endswith(".tiktoken")]
-            if tik:
-                return from_tiktoken_file(os.path.join(path, tik[0]))
-            raise ValueError(f"{path}: no tokenizer.json, tokenizer.model or *.tiktoken inside")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer not found: {path}")
-        if path.endswith(".json"):
+        kind, path = tokenizer_file(source)
+        if kind == "json":
             return from_tokenizer_json(path)
-        if path.endswith(".tiktoken"):
+        if kind == "tiktoken":
             return from_tiktoken_file(path)
-        with open(path, "rb") as f:
-            head = f.read(64)
-        if head.lstrip().startswith(b"{"):
-            return from_tokenizer_json(path)
         try:
             return from_sentencepiece_file(path)
         except Exception:
@@ -123,7 +132,8 @@ def read_pieces(source: Any) -> Pieces:
         try:
             return from_tiktoken_file(path)
         except ValueError:
-            raise ValueError(f"{path}: not a tokenizer.json, sentencepiece model or tiktoken file") from None
+            raise ValueError(f"{path}: not a tokenizer.json, sentencepiece model or tiktoken "
+                             "file") from None
     if hasattr(source, "get_vocab") and hasattr(source, "__len__"):
         return from_hf_object(source)
     if hasattr(source, "id_to_piece") and hasattr(source, "get_piece_size"):

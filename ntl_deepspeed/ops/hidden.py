@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .statistics import (OpSpec, RowLabels, RowStatistics, astuple, combine, fromtuple,
-                         gradient_terms, label_rows)
+from .statistics import (OpSpec, combine, gradient_terms, label_rows, save_for_backward,
+                         saved_tensors)
 
 # (vocab columns per block, tokens per chunk). CPU: buffers that stay in cache; CUDA: fewer,
 # larger GEMMs (launch count), [chunk, block] fp32 = 128 MiB.
@@ -110,15 +110,13 @@ class HiddenCENTL(torch.autograd.Function):
         target = torch.where(rows.in_shard, target, torch.zeros_like(target))
         outputs, stats = combine(lse_local, zn, target, rows, shard, spec, nonfinite)
         ctx.shard, ctx.spec, ctx.blocking, ctx.has_bias = shard, spec, blocking, bias is not None
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else hidden.new_empty(0),
-                              zn, *astuple(rows), *astuple(stats))
-        ctx.mark_non_differentiable(outputs.correct)
-        return tuple(outputs)
+        no_bias = hidden.new_empty(0)
+        return save_for_backward(ctx, (hidden, weight, no_bias if bias is None else bias, zn),
+                                 outputs, rows, stats)
 
     @staticmethod
     def backward(ctx, g_ce, g_ntl, g_yhat, g_mass, _g_correct):
-        hidden, weight, bias, zn, *saved = ctx.saved_tensors
-        rows, stats = fromtuple(RowLabels, saved[:5]), fromtuple(RowStatistics, saved[5:])
+        (hidden, weight, bias, zn), rows, stats = saved_tensors(ctx)
         bias = bias if ctx.has_bias else None
         shard, spec, blocking = ctx.shard, ctx.spec, ctx.blocking
         terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, stats, shard, spec)

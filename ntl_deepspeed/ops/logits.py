@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .statistics import (OpSpec, RowLabels, RowStatistics, astuple, combine, fromtuple,
-                         gradient_terms, label_rows)
+from .statistics import (OpSpec, combine, gradient_terms, label_rows, save_for_backward,
+                         saved_tensors)
 
 # Logits per chunk (fp32 scratch, 4 MiB): bounds memory beyond the gradient; measured on CPU,
 # chunks that stay in cache beat 16 MiB ones by ~30 %.
@@ -118,14 +118,11 @@ class LogitsCENTL(torch.autograd.Function):
         zn = logits2d.index_select(1, shard.number_ids).float()
         outputs, stats = combine(lse_local, zn, target, rows, shard, spec, nonfinite)
         ctx.shard, ctx.spec, ctx.backend = shard, spec, backend
-        ctx.save_for_backward(logits2d, *astuple(rows), *astuple(stats))
-        ctx.mark_non_differentiable(outputs.correct)
-        return tuple(outputs)
+        return save_for_backward(ctx, (logits2d,), outputs, rows, stats)
 
     @staticmethod
     def backward(ctx, g_ce, g_ntl, g_yhat, g_mass, _g_correct):
-        z, *saved = ctx.saved_tensors
-        rows, stats = fromtuple(RowLabels, saved[:5]), fromtuple(RowStatistics, saved[5:])
+        (z,), rows, stats = saved_tensors(ctx)
         shard, spec = ctx.shard, ctx.spec
         _, write_gradient = _backend_passes(ctx.backend)
         zn = z.index_select(1, shard.number_ids).float()

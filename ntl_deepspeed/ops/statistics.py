@@ -84,13 +84,24 @@ class RowStatistics:
     mass: torch.Tensor
 
 
-def astuple(obj) -> tuple:
-    """The tensors of a RowLabels / RowStatistics in field order (for ``save_for_backward``)."""
+def _astuple(obj) -> tuple:
     return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
 
 
-def fromtuple(cls, tensors):
-    return cls(*tensors)
+def save_for_backward(ctx, inputs: tuple, outputs: PerToken, rows: RowLabels,
+                      stats: RowStatistics) -> tuple:
+    """Every tensor the backward needs goes through ``save_for_backward`` (so saved-tensor hooks
+    and activation offloading see them all); returns the outputs for ``forward``."""
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(*inputs, *_astuple(rows), *_astuple(stats))
+    ctx.mark_non_differentiable(outputs.correct)
+    return tuple(outputs)
+
+
+def saved_tensors(ctx):
+    """``(inputs, RowLabels, RowStatistics)`` as :func:`save_for_backward` stored them."""
+    saved, n, k = ctx.saved_tensors, ctx.n_inputs, len(dataclasses.fields(RowLabels))
+    return saved[:n], RowLabels(*saved[n:n + k]), RowStatistics(*saved[n + k:])
 
 
 def label_rows(labels1d: torch.Tensor, shard: VocabShard, ignore_index: int) -> RowLabels:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..loss import CENTLOutput
+from ..parallel import group_size
 
 
 @dataclass
@@ -47,7 +48,7 @@ def reduce_metrics(loss: torch.Tensor, m: Optional[StepMetrics], dp_group, secon
         m.ce_sum, m.ntl_sum, m.valid_tokens, m.number_labels, m.number_correct,
         m.number_abs_error])
     t = torch.tensor(vals, dtype=torch.float64, device=loss.device)  # nccl: device tensors
-    dp = dist.get_world_size(dp_group) if dist.is_initialized() else 1
+    dp = group_size(dp_group)
     if dp > 1:
         dist.all_reduce(t, group=dp_group)
     out = {"loss": t[0].item() / dp, "tokens_per_s": t[1].item() / max(seconds, 1e-9)}

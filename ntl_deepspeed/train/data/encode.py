@@ -1,10 +1,9 @@
 """Turn a tokenizer file into ``(encode(text) -> ids, eos_id)`` for building training data."""
 from __future__ import annotations
 
-import os
 from typing import Callable, List, Tuple
 
-from ...numbers.token_sources import tokenizer_file_in
+from ...numbers.token_sources import tokenizer_file
 
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 
@@ -33,16 +32,10 @@ def _tokenizer_json(path: str) -> Encoder:
 
 def text_encoder(path: str) -> Encoder:
     """A sentencepiece ``.model``, a ``tokenizer.json`` or a directory holding one of them."""
-    if os.path.isdir(path):
-        found = tokenizer_file_in(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in the directory")
-        return text_encoder(found)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--tokenizer {path}: no such file")
-    if path.endswith(".json"):
+    kind, path = tokenizer_file(path)
+    if kind == "json":
         return _tokenizer_json(path)
-    if path.endswith(".tiktoken"):
+    if kind == "tiktoken":
         raise ValueError(f"{path}: a *.tiktoken file has no pre-tokenizer pattern, so it cannot "
                          "encode training text here; pass a sentencepiece .model or tokenizer.json")
     return _sentencepiece(path)
