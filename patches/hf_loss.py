@@ -28,10 +28,14 @@ class HFLoss:
     and ``vocab_start_index``); ``dp_group`` for ``normalization="global"``; ``on_output``
     receives every :class:`CENTLOutput` (metrics).
 
-    Scaling follows transformers' gradient-accumulation convention: given
-    ``num_items_in_batch`` (valid tokens of the whole accumulated batch, HF ``Trainer``), the loss
-    is the *sum* over this micro-batch divided by it (Trainer then does not divide by the
-    accumulation steps); without it, the mean over this micro-batch.
+    One ``"ntl"`` section means the same NTL strength everywhere. Without
+    ``num_items_in_batch`` the loss is this micro-batch's ``CE + lambda * NTL`` (CE per valid
+    token, NTL per ``config.normalization``) -- what our trainer and a plain loop use. With it
+    (HF ``Trainer``: the valid tokens of the whole accumulated batch, after which Trainer does not
+    divide by the accumulation steps) that same loss is weighted by this micro-batch's share of
+    the valid tokens, ``loss * n_valid / num_items_in_batch``: the CE part is then exactly
+    transformers' ``sum CE / num_items_in_batch``, and NTL keeps its normalisation instead of being
+    diluted over every valid token. One micro-batch per step on one device: identical losses.
     """
 
     vocab: NumberVocab
@@ -54,8 +58,7 @@ class HFLoss:
             shift_labels = shift_left(labels, self.config.ignore_index)
         shift_labels = shift_labels.to(device)
         shard = self.vocab.shard_for(width, self.tp_group, self.vocab_start_index, device)
-        out = ce_ntl(shift_labels, shard, self.config, dp_group=self.dp_group,
-                     reduction="mean" if num_items_in_batch is None else "sum", **inputs)
+        out = ce_ntl(shift_labels, shard, self.config, dp_group=self.dp_group, **inputs)
         record_ce_ntl_flops(shift_labels.numel(), width, shard.number_ids.numel())
         if self.on_output is not None:
             self.on_output(out)
@@ -63,7 +66,7 @@ class HFLoss:
             return out.loss
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(out.loss.device)
-        return out.loss / num_items_in_batch
+        return out.loss * (out.ce_count / num_items_in_batch)
 
     def loss_function(self):
         """A drop-in for ``model.loss_function`` (transformers' ``ForCausalLMLoss`` signature)."""

@@ -62,14 +62,16 @@ def test_fused_head_keys():
         split_config({"ntl": {"fused_block_size": 0}})
 
 
-def test_vocab_parallel_head_needs_the_pinned_deepspeed(monkeypatch):
+def test_vocab_parallel_head_is_feature_detected(monkeypatch):
     import deepspeed
 
-    from ntl_deepspeed.integrations.deepspeed import check_deepspeed_for_autotp
+    from ntl_deepspeed.integrations import deepspeed as adapter
 
     tp = {"tensor_parallel": {"autotp_size": 2, "vocab_parallel_lm_head": True}}
-    check_deepspeed_for_autotp(tp)  # the installed, pinned version
+    assert adapter.has_vocab_parallel_head()  # the installed, pinned 0.19.8
+    adapter.check_deepspeed_for_autotp(tp)
+    monkeypatch.setattr(adapter, "has_vocab_parallel_head", lambda: False)
     monkeypatch.setattr(deepspeed, "__version__", "0.16.4")
-    with pytest.raises(RuntimeError, match=r"deepspeed==0\.19\.8; installed: 0\.16\.4"):
-        check_deepspeed_for_autotp(tp)
-    check_deepspeed_for_autotp({"zero_optimization": {"stage": 3}})  # layout (a): any version
+    with pytest.raises(RuntimeError, match=r"VocabParallelLinear .*installed: 0\.16\.4"):
+        adapter.check_deepspeed_for_autotp(tp)
+    adapter.check_deepspeed_for_autotp({"zero_optimization": {"stage": 3}})  # no AutoTP: any

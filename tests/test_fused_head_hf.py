@@ -87,18 +87,21 @@ def test_models_that_post_process_the_head_are_refused():
 
 
 @pytest.mark.parametrize("path", ["logits", "fused"])
-def test_num_items_in_batch_follows_transformers_accumulation_convention(path):
+def test_num_items_in_batch_weights_the_micro_batch_loss_by_its_valid_tokens(path):
     """HF Trainer passes num_items_in_batch (valid tokens of the whole accumulated batch) and
-    then does not divide by the accumulation steps: the loss must be sum / num_items."""
+    then does not divide by the accumulation steps: the loss is (CE mean + 0.3 NTL mean) times
+    this micro-batch's valid tokens / num_items -- CE exactly transformers' sum / num_items, NTL
+    with its own normalisation (not diluted over all valid tokens)."""
     import ntl_deepspeed.patches.transformers as patch
 
     model, ids, labels = model_and_batch()
     vocab = NumberVocab.from_tokens(TOKENS)
     logits = model(input_ids=ids).logits
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    n_items = 50  # e.g. this micro-batch's 19 valid tokens + the next micro-batch's
+    valid = int((shifted != -100).sum())
+    n_items = 50  # e.g. this micro-batch's valid tokens + the next micro-batch's
     ref = (F.cross_entropy(logits.reshape(-1, 64), shifted.reshape(-1), reduction="sum")
-           + 0.3 * ntl_loss(logits, shifted, vocab, "was", reduction="sum")) / n_items
+           + 0.3 * valid * ntl_loss(logits, shifted, vocab, "was")) / n_items
     if path == "fused":
         undo = fused_head.install(model, HFLoss(vocab, NTLConfig(weight=0.3))).remove
     else:
@@ -108,5 +111,8 @@ def test_num_items_in_batch_follows_transformers_accumulation_convention(path):
         for n in (n_items, torch.tensor(n_items)):
             loss = model(input_ids=ids, labels=labels, num_items_in_batch=n).loss
             torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+        # the whole batch in one micro-batch: the same loss as without num_items_in_batch
+        whole = model(input_ids=ids, labels=labels, num_items_in_batch=valid).loss
+        torch.testing.assert_close(whole, model(input_ids=ids, labels=labels).loss)
     finally:
         undo()

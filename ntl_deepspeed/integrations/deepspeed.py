@@ -48,14 +48,24 @@ def autotp_size(ds_config: dict) -> int:
     return int((ds_config.get("tensor_parallel") or {}).get("autotp_size", 1) or 1)
 
 
+def has_vocab_parallel_head() -> bool:
+    """Whether the installed DeepSpeed's AutoTP can shard the LM head along the vocab."""
+    try:
+        from deepspeed.module_inject import layers
+    except ImportError:
+        return False
+    return hasattr(layers, "VocabParallelLinear")
+
+
 def check_deepspeed_for_autotp(ds_config: dict) -> None:
     import deepspeed
 
     tp = ds_config.get("tensor_parallel") or {}
     if autotp_size(ds_config) > 1 and tp.get("vocab_parallel_lm_head") and \
-            deepspeed.__version__ != REQUIRED_DEEPSPEED:
-        raise RuntimeError(f"AutoTP with a vocab-parallel lm_head needs deepspeed=="
-                           f"{REQUIRED_DEEPSPEED}; installed: {deepspeed.__version__}")
+            not has_vocab_parallel_head():
+        raise RuntimeError(f"AutoTP with a vocab-parallel lm_head needs a DeepSpeed with "
+                           f"VocabParallelLinear (checked: {REQUIRED_DEEPSPEED}); installed: "
+                           f"{deepspeed.__version__}")
 
 
 def skip_shm_comm_build() -> None:
@@ -68,46 +78,99 @@ def skip_shm_comm_build() -> None:
 
 @dataclass
 class Layout:
-    """How DeepSpeed laid the model out: the vocab-parallel head's group and first id (None
-    without AutoTP) and the data-parallel group."""
+    """How the model is laid out: the vocab-parallel head's group and first id (None without
+    tensor parallelism) and the data-parallel group (None: one process)."""
 
     tp_group: Any
     vocab_start_index: Optional[int]
     dp_group: Any
-    tp_size: int
 
 
-def engine_layout(engine) -> Layout:
+def model_layout(model) -> Layout:
+    """Read from the model itself: an AutoTP vocab-parallel head carries ``mp_group`` and
+    ``vocab_start_index``; DeepSpeed's groups give the DP group. Works for an engine's module
+    and for a model HF ``Trainer`` wrapped."""
     import torch.distributed as dist
-    from deepspeed.utils import groups
 
-    tp = autotp_size(engine._config._param_dict)  # the raw dict DeepSpeed was given
-    if tp <= 1:
-        return Layout(None, None, dist.group.WORLD, 1)
-    head = engine.module.get_output_embeddings()
+    head = model.get_output_embeddings()
     start = getattr(head, "vocab_start_index", None)
-    if start is None:
-        raise RuntimeError("AutoTP did not make lm_head vocab-parallel: set "
-                           '"tensor_parallel": {"vocab_parallel_lm_head": true}')
-    return Layout(groups.get_tensor_model_parallel_group(), start,
-                  groups.get_data_parallel_group(), tp)
+    if start is not None and getattr(head, "mp_group", None) is not None:
+        from deepspeed.utils import groups
+
+        return Layout(head.mp_group, int(start), groups.get_data_parallel_group())
+    return Layout(None, None, dist.group.WORLD if dist.is_initialized() else None)
 
 
-def install(engine, vocab: NumberVocab, config: NTLConfig,
+def _unwrap(engine_or_model):
+    return getattr(engine_or_model, "module", engine_or_model)
+
+
+def _raw_config(engine_or_model) -> Optional[dict]:
+    config = getattr(getattr(engine_or_model, "_config", None), "_param_dict", None)
+    return config if isinstance(config, dict) else None
+
+
+def _model_vocab_size(model) -> int:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if size is None:
+        raise ValueError(f"{type(model).__name__} has no config.vocab_size: pass vocab=")
+    return int(size)
+
+
+def number_vocab(model, tokenizer, config: NTLConfig) -> NumberVocab:
+    """The number vocab sized to the model's (padded) vocab."""
+    if tokenizer is None:
+        raise ValueError("NTL needs the tokenizer (or vocab=NumberVocab) to know the number "
+                         "tokens")
+    return NumberVocab.from_tokenizer(tokenizer, mode=config.mode,
+                                      vocab_size=_model_vocab_size(model))
+
+
+def install(engine_or_model, tokenizer=None, config: Optional[NTLConfig] = None, *,
+            vocab: Optional[NumberVocab] = None,
             on_output: Optional[Callable[[CENTLOutput], None]] = None):
-    """CE + lambda*NTL on ``engine.module`` for the engine's layout; returns the HF loss
-    settings (``.tp_group``, ``.dp_group`` ...). The flops profiler books the op's work."""
+    """CE + lambda*NTL on a model or a DeepSpeed engine built elsewhere (HF ``Trainer``, a
+    user's own ``deepspeed.initialize``). ``config``: an NTLConfig, else the engine's raw ds
+    config's ``"ntl"`` section (validated). Materialised loss or fused head per
+    ``config.fused_head``, with the layout read from the model (AutoTP's TP group and
+    ``vocab_start_index``, the DP group). Returns the installed :class:`HFLoss` (its ``.remove()``
+    undoes it). The flops profiler books the op's work."""
     from ..patches import fused_head, transformers as hf
     from ..patches.hf_loss import HFLoss
 
-    layout = engine_layout(engine)
+    if config is None:
+        raw = _raw_config(engine_or_model)
+        if raw is None:
+            raise ValueError("install: pass config=NTLConfig(...) (no DeepSpeed config found)")
+        config = split_config(raw)[1]
+    model = _unwrap(engine_or_model)
+    vocab = vocab or number_vocab(model, tokenizer, config)
+    layout = model_layout(model)
     loss = HFLoss(vocab, config, layout.tp_group, layout.vocab_start_index, layout.dp_group,
                   on_output if config.log_metrics else None)
     if config.fused_head:  # the loss runs inside lm_head, where ZeRO-3 gathers its weight
-        fused_head.install(engine.module, loss)
+        loss.remove = fused_head.install(model, loss).remove
     else:
-        hf.apply(vocab, config, model=engine.module, tp_group=loss.tp_group,
+        hf.apply(vocab, config, model=model, tp_group=loss.tp_group,
                  vocab_start_index=loss.vocab_start_index, dp_group=loss.dp_group,
                  on_output=loss.on_output)
-    book_into_root(engine.module)  # flops profiler: see flops.py
+        loss.remove = lambda: hf.remove(model)
+    book_into_root(model)  # flops profiler: see flops.py
     return loss
+
+
+def initialize(model, config: Union[Dict[str, Any], str], tokenizer=None, *,
+               vocab: Optional[NumberVocab] = None,
+               on_output: Optional[Callable[[CENTLOutput], None]] = None, **deepspeed_kwargs):
+    """A drop-in for ``deepspeed.initialize`` (same return value) that reads and validates the
+    config's ``"ntl"`` section, strips it before DeepSpeed sees it, and installs NTL on the
+    engine (:func:`install`). ``model_parameters`` defaults to ``model.parameters()``."""
+    import deepspeed
+
+    ds_config, ntl = split_config(config)
+    check_deepspeed_for_autotp(ds_config)
+    vocab = vocab or number_vocab(model, tokenizer, ntl)
+    deepspeed_kwargs.setdefault("model_parameters", model.parameters())
+    result = deepspeed.initialize(model=model, config=ds_config, **deepspeed_kwargs)
+    install(result[0], config=ntl, vocab=vocab, on_output=on_output)
+    return result

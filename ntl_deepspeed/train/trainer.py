@@ -13,11 +13,10 @@ import torch.distributed as dist
 
 from ..config import NTLConfig
 from ..integrations.deepspeed import (autotp_size, check_deepspeed_for_autotp, install,
-                                      skip_shm_comm_build, split_config)
-from ..loss import CENTLOutput
+                                      model_layout, skip_shm_comm_build, split_config)
 from ..numbers import NumberVocab
 from ..numbers.token_sources import read_pieces
-from .metrics import StepMetrics, reduce_metrics
+from ..metrics import NTLMetrics
 
 
 def init_distributed(mpi: bool) -> None:
@@ -97,7 +96,7 @@ class Trainer:
     dp_size: int
     tp_size: int
     hf_ds_config: object = None
-    captured: List[CENTLOutput] = field(default_factory=list)
+    metrics: NTLMetrics = None
     history: List[Dict[str, float]] = field(default_factory=list)
     start_step: int = 0
 
@@ -116,13 +115,14 @@ class Trainer:
                             tokenizer_size=tokenizer_size)
         engine, hf_ds_config = build_engine(args.model, vocab_size, ds_config)
         trainer = cls(args, engine, ds_config, ntl, vocab, None, None, 0, 1,
-                      autotp_size(ds_config), hf_ds_config)
-        if args.plain_ce:  # the model's own loss (the baseline to compare with)
-            from ..integrations.deepspeed import engine_layout
-
-            trainer.dp_group = engine_layout(engine).dp_group
-        else:
-            trainer.dp_group = install(engine, vocab, ntl, trainer.captured.append).dp_group
+                      autotp_size(ds_config), hf_ds_config, NTLMetrics(engine.device))
+        layout = model_layout(engine.module)
+        if trainer.tp_size > 1 and layout.tp_group is None:
+            raise RuntimeError("AutoTP did not make lm_head vocab-parallel: set "
+                               '"tensor_parallel": {"vocab_parallel_lm_head": true}')
+        trainer.dp_group = layout.dp_group
+        if not args.plain_ce:  # --plain-ce: the model's own loss (the baseline to compare with)
+            install(engine, config=ntl, vocab=vocab, on_output=trainer.metrics)
         trainer.dp_rank = dist.get_rank(trainer.dp_group)
         trainer.dp_size = dist.get_world_size(trainer.dp_group)
         trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
@@ -155,7 +155,6 @@ class Trainer:
         gas = self.engine.gradient_accumulation_steps()
         for step in range(self.start_step, steps):  # one optimizer step = gas micro-batches
             t0 = time.perf_counter()
-            self.captured.clear()
             losses, tokens = [], 0
             for micro in range(gas):
                 ids = self.batch(step * gas + micro).to(self.engine.device)
@@ -164,12 +163,13 @@ class Trainer:
                 self.engine.step()
                 losses.append(loss.detach())
                 tokens += ids.numel()
-            seconds = time.perf_counter() - t0
             _debug_exit(step)
-            step_metrics = StepMetrics.total(self.captured) if self.captured else None
-            row = {"step": step, "step_s": seconds,
-                   **reduce_metrics(torch.stack(losses).mean(), step_metrics, self.dp_group,
-                                    seconds, tokens)}
+            # the one host read of the step: losses and metrics, summed over DP ranks
+            row = self.metrics.reduce(self.dp_group, loss=torch.stack(losses).mean(),
+                                      tokens=tokens)
+            seconds = time.perf_counter() - t0
+            row = {"step": step, "step_s": seconds, "loss": row.pop("loss") / self.dp_size,
+                   "tokens_per_s": row.pop("tokens") / max(seconds, 1e-9), **row}
             if self.args.plain_ce:
                 row["ce"] = row["loss"]  # the model's own loss is the CE
             self.history.append(row)
