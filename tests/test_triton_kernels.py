@@ -201,6 +201,24 @@ def test_write_gradient(rows, width, dtype):
 
 
 @needs_interpreter
+def test_write_gradient_in_place_and_strided_row_arguments():
+    z = torch.randn(9, 70)
+    shift = torch.randn(9, 2)[:, 1]           # 1-D arguments with stride 2
+    negative = (torch.randn(9, 2) > 0)[:, 0]
+    assert not (shift.is_contiguous() or negative.is_contiguous())
+    ref = reference_gradient(z, shift, negative, torch.float32)
+    assert tk.write_gradient(z, shift, negative, z) is z
+    torch.testing.assert_close(z, ref, rtol=1e-6, atol=0)
+    target_local = torch.arange(18).view(9, 2)[:, 0]
+    has_target = (torch.randn(9, 3) > 0)[:, 1]
+    assert not (target_local.is_contiguous() or has_target.is_contiguous())
+    lse, target, _ = tk.row_statistics(z, target_local, has_target)
+    ref_lse, ref_target = reference_statistics(z, target_local, has_target)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    assert torch.equal(target, ref_target)
+
+
+@needs_interpreter
 def test_write_gradient_infinite_logit_with_infinite_shift_is_zero():
     """Documented difference from torch's exp(inf - inf) = NaN: a zero coefficient gives 0."""
     z = torch.tensor([[INF, 1.0], [INF, 1.0]])

@@ -113,7 +113,8 @@ def row_statistics(z: torch.Tensor, target_local: torch.Tensor, has_target: torc
         with _on_device(z):
             _row_statistics_kernel[(triton.cdiv(rows, block_t),)](
                 z, z.stride(0), z.stride(1), rows, width,
-                target_local, has_target.view(torch.uint8), lse, target, bad,
+                target_local.contiguous(), has_target.contiguous().view(torch.uint8),
+                lse, target, bad,
                 COUNT_NONFINITE=count_nonfinite, BLOCK_T=block_t, BLOCK_W=bw, num_warps=warps)
         LAUNCHES["row_statistics"] += 1
     nonfinite = bad.sum(dtype=torch.int64) if count_nonfinite else None
@@ -126,7 +127,8 @@ def write_gradient(z: torch.Tensor, shift: torch.Tensor, negative: torch.Tensor,
     0 on rows whose ``shift`` is +inf (zero coefficient), even where ``z`` is +inf.
 
     Computed in fp32, rounded once to ``out``'s dtype. ``z`` and ``out`` [T, W] (any strides;
-    ``out`` may not overlap ``z``), ``shift`` fp32 [T], ``negative`` bool [T]. One kernel launch
+    ``out`` may be ``z`` itself: each element is read before the same program writes it, but
+    must not partially overlap it), ``shift`` fp32 [T], ``negative`` bool [T]. One kernel launch
     on a ``(cdiv(T, BLOCK_T), cdiv(W, BLOCK_W))`` grid, one tile per program. Returns ``out``.
     """
     _check(z, (("shift", shift), ("negative", negative)), "write_gradient")
@@ -142,7 +144,7 @@ def write_gradient(z: torch.Tensor, shift: torch.Tensor, negative: torch.Tensor,
         with _on_device(z):
             _gradient_kernel[grid](
                 z, z.stride(0), z.stride(1), out, out.stride(0), out.stride(1),
-                shift.float(), negative.view(torch.uint8), rows, width,
+                shift.float().contiguous(), negative.contiguous().view(torch.uint8), rows, width,
                 BLOCK_T=block_t, BLOCK_W=bw, num_warps=warps)
         LAUNCHES["write_gradient"] += 1
     return out
