@@ -14,6 +14,7 @@ bf16: loads are exact in the interpreter (triton 3.9), but its fp32 -> bf16 cast
 where GPUs round to nearest even, so bf16 gradients are checked to one bf16 ulp.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -296,3 +297,69 @@ def test_imports_without_triton(monkeypatch):
     with pytest.raises(RuntimeError, match="triton is not installed"):
         bare.row_statistics(torch.randn(2, 3), torch.zeros(2, dtype=torch.long),
                             torch.ones(2, dtype=torch.bool))
+
+
+# Compiles both kernels for CUDA sm_80 (Triton's GPU backend and its bundled ptxas; no GPU
+# needed) at the launch configurations the launchers pick for a few shapes, and reads ptxas'
+# register and spill report. Runs in a subprocess: this process's triton is in interpreter mode.
+COMPILE_FOR_SM80 = r"""
+import glob, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ntl_deepspeed.ops import triton_logits as tk
+
+ptxas = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))
+if not ptxas:
+    print(json.dumps({"skip": "this triton wheel bundles no ptxas"}))
+    sys.exit(0)
+target, report = GPUTarget("cuda", 80, 32), []
+shapes = [(16384, 128256), (16384, 16032), (33, 130), (7, 5)]
+for kernel, blocks in (("stats", tk.stats_blocks), ("gradient", tk.gradient_blocks)):
+    for i, config in enumerate(sorted({blocks(t, w) for t, w in shapes})):
+        block_t, block_w, warps = config
+        # sorted: the first configuration (fewest rows per program) is the wide shapes' one
+        for dt in ("fp32", "fp16", "bf16") if i == 0 else ("bf16",):
+            if kernel == "stats":
+                fn, sig = tk._row_statistics_kernel, dict(
+                    z_ptr="*" + dt, stride_t="i32", stride_w="constexpr", T="i32", W="i32",
+                    label_ptr="*i64", has_label_ptr="*u8", lse_ptr="*fp32",
+                    label_logit_ptr="*fp32", bad_ptr="*i32", COUNT_NONFINITE="constexpr",
+                    BLOCK_T="constexpr", BLOCK_W="constexpr")
+                constexprs = dict(stride_w=1, COUNT_NONFINITE=True)
+            else:
+                fn, sig = tk._gradient_kernel, dict(
+                    z_ptr="*" + dt, z_stride_t="i32", z_stride_w="constexpr", out_ptr="*" + dt,
+                    out_stride_t="i32", out_stride_w="constexpr", shift_ptr="*fp32",
+                    negative_ptr="*u8", T="i32", W="i32", BLOCK_T="constexpr",
+                    BLOCK_W="constexpr")
+                constexprs = dict(z_stride_w=1, out_stride_w=1)
+            constexprs.update(BLOCK_T=block_t, BLOCK_W=block_w)
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                      target=target, options={"num_warps": warps})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(compiled.asm["ptx"])
+            info = subprocess.run([ptxas[0], "-v", "--gpu-name=sm_80", f.name, "-o", os.devnull],
+                                  capture_output=True, text=True, check=True).stderr
+            report.append(dict(kernel=kernel, dtype=dt, config=config,
+                               registers=int(re.search(r"Used (\d+) registers", info).group(1)),
+                               spilled=sum(map(int, re.findall(r"(\d+) bytes spill", info))),
+                               cubin=bool(compiled.asm.get("cubin"))))
+print(json.dumps(report))
+"""
+
+
+def test_kernels_compile_for_sm80_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM80], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    if isinstance(report, dict):
+        pytest.skip(report["skip"])
+    assert {(r["kernel"], r["dtype"]) for r in report} >= {
+        (k, d) for k in ("stats", "gradient") for d in ("fp32", "fp16", "bf16")}
+    for r in report:
+        assert r["cubin"] and r["spilled"] == 0 and r["registers"] <= 128, r
+

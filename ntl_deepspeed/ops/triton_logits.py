@@ -33,10 +33,11 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 # Kernel launches by kernel name, for tests asserting the count does not grow with T or W.
 LAUNCHES: Counter = Counter()
 
-# fp32 elements a program holds per step: 16 per thread at 8 warps, no register spills.
-_TILE = 4096
-_MAX_BLOCK_W_STATS = 4096     # forward: a program streams whole rows in these column steps
-_MAX_BLOCK_W_GRAD = 1024      # backward: one tile per program, more programs along W
+# Block shapes. Checked with ptxas for sm_80 (tests/test_triton_kernels.py compiles them on
+# CPU): no spills; the forward's registers grow with rows per program (~50-70 up to 8 rows,
+# ~96 at 16, 180+ at 32), so narrow rows are packed at most 8 to a program.
+_STATS_MAX_W, _STATS_TILE, _STATS_MAX_T = 4096, 1024, 8   # forward: streams rows in W steps
+_GRAD_MAX_W, _GRAD_TILE, _GRAD_MAX_T = 1024, 4096, 64     # backward: one tile per program
 _MAX_GRID_Y = 65535           # CUDA's limit on grid axis 1 (axis 0 allows 2**31 - 1)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,12 +60,25 @@ def triton_available(device=None) -> bool:
     return torch.device(device).type != "cpu" or interpreted()
 
 
-def _blocks(rows: int, width: int, max_block_w: int) -> Tuple[int, int, int]:
+def _blocks(rows: int, width: int, max_w: int, tile: int, max_t: int) -> Tuple[int, int, int]:
     """(BLOCK_T, BLOCK_W, num_warps): wide rows get one row per program, narrow rows are packed
-    several to a program so each program still touches about _TILE elements."""
-    block_w = min(triton.next_power_of_2(max(width, 1)), max_block_w)
-    block_t = max(1, min(triton.next_power_of_2(max(rows, 1)), _TILE // block_w))
-    return block_t, block_w, 8 if block_t * block_w >= _TILE else 4
+    several to a program (up to ``max_t``) so that a program still touches about ``tile``."""
+    block_w = min(triton.next_power_of_2(max(width, 1)), max_w)
+    block_t = max(1, min(triton.next_power_of_2(max(rows, 1)), tile // block_w, max_t))
+    return block_t, block_w, 8 if block_t * block_w >= 4096 else 4
+
+
+def stats_blocks(rows: int, width: int, block_w: Optional[int] = None):
+    """Launch configuration of :func:`row_statistics`."""
+    return _blocks(rows, width, block_w or _STATS_MAX_W, _STATS_TILE, _STATS_MAX_T)
+
+
+def gradient_blocks(rows: int, width: int, block_w: Optional[int] = None):
+    """Launch configuration of :func:`write_gradient`."""
+    block_t, bw, warps = _blocks(rows, width, block_w or _GRAD_MAX_W, _GRAD_TILE, _GRAD_MAX_T)
+    while triton.cdiv(width, bw) > _MAX_GRID_Y:  # only for widths beyond 2**26
+        bw *= 2
+    return block_t, bw, warps
 
 
 def _check(z: torch.Tensor, rows_args, name: str) -> None:
@@ -109,7 +123,7 @@ def row_statistics(z: torch.Tensor, target_local: torch.Tensor, has_target: torc
     target = torch.empty(rows, dtype=torch.float32, device=z.device)
     bad = torch.empty(rows if count_nonfinite else 1, dtype=torch.int32, device=z.device)
     if rows:
-        block_t, bw, warps = _blocks(rows, width, block_w or _MAX_BLOCK_W_STATS)
+        block_t, bw, warps = stats_blocks(rows, width, block_w)
         with _on_device(z):
             _row_statistics_kernel[(triton.cdiv(rows, block_t),)](
                 z, z.stride(0), z.stride(1), rows, width,
@@ -137,9 +151,7 @@ def write_gradient(z: torch.Tensor, shift: torch.Tensor, negative: torch.Tensor,
                          f"{z.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     rows, width = z.shape
     if rows and width:
-        block_t, bw, warps = _blocks(rows, width, block_w or _MAX_BLOCK_W_GRAD)
-        while triton.cdiv(width, bw) > _MAX_GRID_Y:  # only for widths beyond 2**26
-            bw *= 2
+        block_t, bw, warps = gradient_blocks(rows, width, block_w)
         grid = (triton.cdiv(rows, block_t), triton.cdiv(width, bw))
         with _on_device(z):
             _gradient_kernel[grid](
