@@ -113,7 +113,8 @@ def row_statistics(z: torch.Tensor, target_local: torch.Tensor, has_target: torc
     * ``nonfinite``: int64 scalar tensor, the number of non-finite logits (``None`` unless
       ``count_nonfinite``); reading it is the caller's choice of host sync.
 
-    ``target_local`` integer [T], ``has_target`` bool [T]. One kernel launch on a grid of
+    ``target_local`` integer [T] (in ``[0, W)`` where ``has_target``), ``has_target`` bool
+    [T]. One kernel launch on a grid of
     ``cdiv(T, BLOCK_T)`` programs, each streaming BLOCK_T rows in BLOCK_W-column steps;
     ``block_w`` (a power of two) caps BLOCK_W, for tests of the multi-step path.
     """
