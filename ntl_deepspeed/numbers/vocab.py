@@ -154,16 +154,23 @@ class NumberVocab:
         return cls(list(tokens), mode=mode, vocab_size=vocab_size)
 
     # ------------------------------------------------------------------ distances
-    @property
+    # host-side facts of the (CPU) value table, computed once: asked at every loss call
+    @functools.cached_property
     def value_range(self) -> Tuple[float, float]:
         return float(self.number_values.min()), float(self.number_values.max())
 
-    def distance_span(self) -> Tuple[float, float]:
-        """Smallest nonzero and largest distance between two number-token values."""
+    @functools.cached_property
+    def _distance_span(self) -> Optional[Tuple[float, float]]:
         uniq = torch.unique(self.number_values.double())
         if uniq.numel() < 2:
-            raise ValueError("squash_factor needs at least two distinct number-token values")
+            return None
         return float((uniq[1:] - uniq[:-1]).min()), float(uniq[-1] - uniq[0])
+
+    def distance_span(self) -> Tuple[float, float]:
+        """Smallest nonzero and largest distance between two number-token values."""
+        if self._distance_span is None:
+            raise ValueError("squash_factor needs at least two distinct number-token values")
+        return self._distance_span
 
     def max_distance(self, kind: str, squash_factor: Optional[float] = None) -> float:
         """The largest per-token loss of ``kind`` between two number tokens (for ``reweigh``)."""

@@ -21,27 +21,19 @@ CHUNK_ELEMENTS = 1 << 20
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto``: triton on CUDA when importable, else torch. ``triton`` on CPU tensors runs only
-    in Triton's interpreter (``TRITON_INTERPRET=1``, for tests)."""
-    import os
-
-    if backend == "torch" or (backend == "auto" and not (device.type == "cuda"
-                                                         and _triton_available())):
-        return "torch"
-    if backend not in ("auto", "triton"):
+    in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported: tests)."""
+    if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend={backend!r}: expected 'auto', 'torch' or 'triton'")
-    if not _triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1")
-    return "triton"
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return "torch"
+    from .triton_logits import triton_available  # guards its own triton import
 
-
-def _triton_available() -> bool:
-    try:
-        from .triton_logits import triton_available
-    except ImportError:
-        return False
-    return triton_available()
+    if triton_available(device):
+        return "triton"
+    if backend == "auto":
+        return "torch"
+    raise RuntimeError("backend='triton' needs the triton package on a GPU, or TRITON_INTERPRET=1 "
+                       "(set before triton is imported) for CPU tensors")
 
 
 # ---------------------------------------------------------------------- torch backend
