@@ -107,6 +107,17 @@ class NTLConfig:
         return self.weight if self.enabled else 0.0
 
 
+def as_config(config) -> "NTLConfig":
+    """An NTLConfig from an NTLConfig, a mapping (validated like the "ntl" section) or None."""
+    if config is None:
+        return NTLConfig()
+    if isinstance(config, NTLConfig):
+        return config
+    if isinstance(config, dict):
+        return NTLConfig.from_dict(config)
+    raise TypeError(f"expected an NTLConfig or a dict of its fields, got {type(config).__name__}")
+
+
 @functools.lru_cache(maxsize=None)
 def _hints() -> Dict[str, Any]:
     return typing.get_type_hints(NTLConfig)

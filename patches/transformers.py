@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from typing import Optional
 
-from ntl_deepspeed.config import NTLConfig
+from ntl_deepspeed.config import NTLConfig, as_config
 from ntl_deepspeed.numbers import NumberVocab
 
 from ._patching import Patch, Slot
@@ -44,10 +44,7 @@ _model_patches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def apply(vocab: NumberVocab, config: Optional[NTLConfig] = None, model=None, tp_group=None,
           vocab_start_index: Optional[int] = None, dp_group=None, on_output=None) -> HFLoss:
     """Install CE + lambda*NTL globally, or on ``model`` only. Returns the :class:`HFLoss`."""
-    if not isinstance(config, (NTLConfig, type(None))):
-        raise TypeError(f"config must be an NTLConfig (e.g. NTLConfig.from_dict({config!r})), "
-                        f"got {type(config).__name__}")
-    loss = HFLoss(vocab, config or NTLConfig(), tp_group, vocab_start_index, dp_group, on_output)
+    loss = HFLoss(vocab, as_config(config), tp_group, vocab_start_index, dp_group, on_output)
     if model is None:
         patch, slot = _global_patch, Slot(_mapping(), "ForCausalLM", item=True)
     else:

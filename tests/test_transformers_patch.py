@@ -35,3 +35,28 @@ def test_patch_gives_ce_plus_ntl_and_is_reversible(model_and_batch, per_model):
         patch.remove(target)
     assert not patch.is_applied(target)
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, stock)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_install_on_a_plain_model_and_remove(model_and_batch, fused):
+    import ntl_deepspeed
+
+    model, ids, labels = model_and_batch
+    stock = model(input_ids=ids, labels=labels).loss
+    vocab = NumberVocab.from_tokens(TOKENS)
+    installed = ntl_deepspeed.install(model, vocab=vocab,
+                                      config=NTLConfig(weight=0.3, fused_head=fused))
+    ours = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, reference_loss(model, ids, labels, vocab, "was"),
+                               rtol=1e-5, atol=1e-6)
+    installed.remove()
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, stock)
+    with pytest.raises(ValueError, match="ntl.weight: expected a number"):
+        ntl_deepspeed.install(model, vocab=vocab, config=NTLConfig.from_dict({"weight": "0.3"}))
+    with pytest.raises(ValueError, match="did you mean 'weight'"):
+        patch.apply(vocab, {"wieght": 0.3}, model=model)  # at apply, not at the first forward
+    with pytest.raises(TypeError, match="expected an NTLConfig or a dict"):
+        patch.apply(vocab, 0.3, model=model)
+    patch.apply(vocab, {"weight": 0.3}, model=model)  # a dict of fields is fine
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ours)
+    patch.remove(model)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from ..config import NTLConfig
+from ..config import NTLConfig, as_config
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
 from .flops import book_into_root
@@ -126,7 +126,7 @@ def number_vocab(model, tokenizer, config: NTLConfig) -> NumberVocab:
                                       vocab_size=_model_vocab_size(model))
 
 
-def install(engine_or_model, tokenizer=None, config: Optional[NTLConfig] = None, *,
+def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None] = None, *,
             vocab: Optional[NumberVocab] = None,
             on_output: Optional[Callable[[CENTLOutput], None]] = None):
     """CE + lambda*NTL on a model or a DeepSpeed engine built elsewhere (HF ``Trainer``, a
@@ -143,6 +143,7 @@ def install(engine_or_model, tokenizer=None, config: Optional[NTLConfig] = None,
         if raw is None:
             raise ValueError("install: pass config=NTLConfig(...) (no DeepSpeed config found)")
         config = split_config(raw)[1]
+    config = as_config(config)
     model = _unwrap(engine_or_model)
     vocab = vocab or number_vocab(model, tokenizer, config)
     layout = model_layout(model)
