@@ -45,8 +45,8 @@ class NTLConfig:
     mode: str = option("digits", "which tokens are numbers: digits (0-9, the reference's), "
                                  "integers (also '123', 'Ġ48', '▁5'), floats (float() parses)",
                        choices=MODES)
-    reweigh: bool = option(False, "scale NTL by the probability mass on number tokens "
-                                  "(ntloss' default; the paper's and ours is off)")
+    reweigh: bool = option(False, "scale NTL by the number tokens' probability mass (ntloss' "
+                                  "default; off in the paper and here)")
     squash_factor: Optional[float] = option(None, "WAS only: map nonzero distances onto "
                                                   "[1, squash_factor]", gt=1)
     normalization: str = option(
@@ -56,14 +56,13 @@ class NTLConfig:
     ignore_index: int = option(-100, "label id that marks positions without a loss")
     float_level: bool = option(False, "number_level only: a '.' between digits joins a number")
     # ---- how it runs
-    check_finite: bool = option(False, "count non-finite logits every call and raise on any "
-                                       "(one extra pass; a host sync)")
+    check_finite: bool = option(
+        False, "count non-finite logits every call and raise on any (one extra pass; a host sync)")
     check_inputs: bool = option(False, "check labels, weights and vocab shards on the host and "
                                        "name the bad id / rank (host syncs); off: the same "
                                        "checks run as device-side asserts")
     log_metrics: bool = option(True, "report CE, NTL, number accuracy and number MAE per step")
-    fused_head: bool = option(False, "compute the LM head and the loss block by block, never "
-                                     "materialising the logits")
+    fused_head: bool = option(False, "LM head + loss block by block: no logits")
     fused_block_size: Optional[int] = option(None, "fused head: vocab columns per block "
                                                    "(default: 1024 on CPU, 4096 on CUDA)", ge=1)
     fused_token_chunk: Optional[int] = option(None, "fused head: tokens per chunk (default: "

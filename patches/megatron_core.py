@@ -35,7 +35,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl
-from ntl_deepspeed.config import add_arguments, from_arguments
+from ntl_deepspeed.config import add_arguments, as_config, from_arguments
 
 from ._patching import Patch, Slot, require
 
@@ -307,7 +307,7 @@ def apply(vocab: NumberVocab, config: Optional[NTLConfig] = None, include_mtp: b
     ``config.fused_head`` / ``fused_block_size`` / ``fused_token_chunk`` choose the fused head;
     the ``fused_head`` / ``block_size`` / ``token_chunk`` keywords are deprecated (0.2) aliases
     of these fields."""
-    config = config or NTLConfig()
+    config = as_config(config)
     legacy = {"fused_head": fused_head, "fused_block_size": block_size,
               "fused_token_chunk": token_chunk}
     legacy = {k: v for k, v in legacy.items() if v is not None}

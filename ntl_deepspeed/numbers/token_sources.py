@@ -121,10 +121,9 @@ def read_pieces(source: Any) -> Pieces:
     """Recognise ``source`` and read its pieces (see module docstring)."""
     if isinstance(source, (str, os.PathLike)):
         kind, path = tokenizer_file(source)
-        if kind == "json":
-            return from_tokenizer_json(path)
-        if kind == "tiktoken":
-            return from_tiktoken_file(path)
+        readers = {"json": from_tokenizer_json, "tiktoken": from_tiktoken_file}
+        if kind in readers:
+            return readers[kind](path)
         try:
             return from_sentencepiece_file(path)
         except Exception:
