@@ -71,9 +71,9 @@ _ntl_install_python() {  # runs under the setup lock, in a subshell
   export DS_BUILD_OPS=0  # DeepSpeed without C++ builds; ops are JIT-compiled only if asked
   local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   if [ -z "${NTL_TORCH_SPEC:-}" ] && _ntl_has_gpu; then
-    _ntl_say "a GPU is present but NTL_TORCH_SPEC is unset: installing the CI pin" \
-             "$NTL_TORCH_DEFAULT (a CPU build where a CPU wheel is found first); set" \
-             "NTL_TORCH_SPEC to choose the torch build"
+    _ntl_say "a GPU is present but NTL_TORCH_SPEC is unset: installing the CPU pin" \
+             "$NTL_TORCH_DEFAULT; for a CUDA build set e.g." \
+             "NTL_TORCH_SPEC=\"torch==2.13.0 --index-url <CUDA wheel index>\""
   fi
   _ntl_say "installing torch into .venv: pip install $torch_spec"
   read -r -a torch_args <<< "$torch_spec"  # split on blanks (no globbing): options may follow

@@ -23,6 +23,10 @@ MODES = ("digits", "integers", "floats")
 NORMALIZATIONS = ("micro_batch", "global", "token")
 BACKENDS = ("auto", "torch", "triton")
 REDUCTIONS = ("mean", "sum", "none")
+# the fields that change the loss's value (the others change how it runs): they must match on
+# every tensor-parallel rank, and on resume
+LOSS_FIELDS = ("enabled", "weight", "kind", "mode", "reweigh", "squash_factor", "normalization",
+               "ignore_index", "float_level")
 
 
 def option(default, help: str, *, choices: Optional[Iterable[str]] = None,

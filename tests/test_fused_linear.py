@@ -1,11 +1,14 @@
-"""The fused (never materialised) head against the materialised op, on real gloo processes."""
+"""The fused (never materialised) head -- ``ce_ntl(hidden=..., head_weight=...)`` -- against
+the reference (F.cross_entropy + the single-device NTL) on the materialised logits, on one
+process and on real gloo processes."""
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from dist_utils import recorded_collectives, run_distributed
-from ntl_deepspeed import NTLConfig, NumberVocab, fused_linear_ce_ntl, vocab_parallel_ce_ntl
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss
 from ntl_deepspeed.numbers import partition_bounds
 
 V, H, T = 37, 16, 24
@@ -30,7 +33,14 @@ def make_case(seed, dtype=torch.float32):
     return vocab, hidden.to(dtype), weight.to(dtype), bias.to(dtype), labels
 
 
-def check(rank, world, bounds, dtype, tol, block, token_chunk=2048):
+def reference_loss(logits, labels, vocab, cfg):
+    """F.cross_entropy + weight * the single-device NTL (checked against ntloss elsewhere)."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return ce + cfg.weight * ntl_loss(logits, labels, vocab, cfg.kind, reweigh=cfg.reweigh,
+                                      squash_factor=cfg.squash_factor)
+
+
+def check(rank, world, bounds, dtype, tol, block=None, token_chunk=None, gemm_dtype=None):
     group = dist.group.WORLD if world > 1 else None
     start, end = bounds[rank]
     for seed, cfg in enumerate(CONFIGS):
@@ -39,19 +49,20 @@ def check(rank, world, bounds, dtype, tol, block, token_chunk=2048):
             h1 = hidden.clone().requires_grad_()
             w1 = weight[start:end].clone().requires_grad_()
             b1 = bias[start:end].clone().requires_grad_() if with_bias else None
-            fused = fused_linear_ce_ntl(h1, w1, labels, vocab, group, cfg, bias=b1,
-                                        vocab_start_index=start, block_size=block,
-                                        token_chunk=token_chunk)
+            shard = vocab.shard_for(end - start, group, start if world > 1 else None)
+            fused = ce_ntl(labels, shard, cfg.replace(fused_block_size=block,
+                                                      fused_token_chunk=token_chunk),
+                           hidden=h1, head_weight=w1, head_bias=b1, gemm_dtype=gemm_dtype)
             fused.loss.backward()
-            # the unsharded, materialised path on one process (fp32)
+            # the unsharded, materialised logits on one process (fp32), through the reference
             h2 = hidden.float().clone().requires_grad_()
             w2 = weight.float().clone().requires_grad_()
             b2 = bias.float().clone().requires_grad_() if with_bias else None
             logits = h2 @ w2.t() + (b2 if with_bias else 0)
-            ref = vocab_parallel_ce_ntl(logits, labels, vocab, None, cfg)
-            ref.loss.backward()
-            msg = f"{cfg} bias={with_bias} rank={rank}/{world} {dtype}"
-            torch.testing.assert_close(fused.loss.float(), ref.loss, rtol=tol, atol=tol, msg=msg)
+            ref = reference_loss(logits, labels, vocab, cfg)
+            ref.backward()
+            msg = f"{cfg} bias={with_bias} rank={rank}/{world} {dtype} {gemm_dtype}"
+            torch.testing.assert_close(fused.loss.float(), ref, rtol=tol, atol=tol, msg=msg)
             g_hidden = h1.grad.float().clone()
             if world > 1:  # each rank holds its vocab slice's partial: the TP region sums them
                 dist.all_reduce(g_hidden)
@@ -66,10 +77,13 @@ def check(rank, world, bounds, dtype, tol, block, token_chunk=2048):
 
 
 def test_single_device_fp32_and_bf16():
+    check(0, 1, [(0, V)], torch.float32, 1e-5)  # the CPU defaults: one block, one chunk
     check(0, 1, [(0, V)], torch.float32, 1e-5, block=8)
     check(0, 1, [(0, V)], torch.float32, 1e-5, block=8, token_chunk=5)  # 24 tokens: 5,..,5,4
     check(0, 1, [(0, V)], torch.bfloat16, 2e-2, block=16)
     check(0, 1, [(0, V)], torch.bfloat16, 2e-2, block=16, token_chunk=7)
+    # bf16 GEMM operands for fp32 inputs (CUDA's default for bf16 models), fp32 statistics
+    check(0, 1, [(0, V)], torch.float32, 2e-2, block=16, gemm_dtype=torch.bfloat16)
 
 
 def worker(rank, world, uneven):
@@ -82,25 +96,55 @@ def worker(rank, world, uneven):
     start, end = bounds[rank]
     h = hidden.clone().requires_grad_()
     with recorded_collectives() as calls:
-        out = fused_linear_ce_ntl(h, weight[start:end], labels, vocab, dist.group.WORLD,
-                                  vocab_start_index=start, block_size=8)
+        out = ce_ntl(labels, vocab.shard_for(end - start, dist.group.WORLD, start),
+                     NTLConfig(fused_block_size=8), hidden=h, head_weight=weight[start:end])
         forward_calls = list(calls)
         out.loss.backward()
     assert forward_calls == ["all_reduce", "all_reduce"] and calls == forward_calls, calls
 
 
 @pytest.mark.parametrize("world,uneven", [(2, False), (3, True)])
-def test_tensor_parallel_matches_materialised(world, uneven):
+def test_tensor_parallel_matches_reference(world, uneven):
     run_distributed(worker, world, uneven)
 
 
 def test_bad_shapes():
     vocab, hidden, weight, bias, labels = make_case(0)
     with pytest.raises(ValueError, match="must be \\[V_local, 16\\]"):
-        fused_linear_ce_ntl(hidden, weight[:, :8], labels, vocab)
+        ce_ntl(labels, vocab, hidden=hidden, head_weight=weight[:, :8])
     with pytest.raises(ValueError, match="do not match"):
-        fused_linear_ce_ntl(hidden[:, :3], weight, labels, vocab)
-    with pytest.raises(ValueError, match="block_size=0"):
-        fused_linear_ce_ntl(hidden, weight, labels, vocab, block_size=0)
-    with pytest.raises(ValueError, match="token_chunk=0"):
-        fused_linear_ce_ntl(hidden, weight, labels, vocab, token_chunk=0)
+        ce_ntl(labels, vocab, hidden=hidden[:, :3], head_weight=weight)
+    with pytest.raises(ValueError, match="ntl.fused_block_size=0: must be >= 1"):
+        NTLConfig(fused_block_size=0)
+    with pytest.raises(ValueError, match="ntl.fused_token_chunk=0: must be >= 1"):
+        NTLConfig(fused_token_chunk=0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "package: ops/hidden.py computes the label's logit ('target', an fp32 elementwise "
+    "product-sum) and the number logits ('zn', a GEMM) differently; statistics.combine then "
+    "requires target >= max(zn) exactly, so a label that is the clear winner is often not "
+    "'correct' (~30 % of rows in fp32, ~50 % with bf16 GEMM operands)"))
+@pytest.mark.parametrize("gemm_dtype", [None, torch.bfloat16])
+def test_number_correct_of_the_fused_head(gemm_dtype):
+    """number_correct from hidden states equals the unique argmax over the materialised number
+    logits (rows whose top two number logits are within rounding are left out)."""
+    vocab, _, _, _, _ = make_case(0)
+    g = torch.Generator().manual_seed(5)
+    tokens = 256
+    hidden = torch.randn(2, tokens // 2, H, generator=g)
+    weight, bias = torch.randn(V, H, generator=g) * 0.5, torch.randn(V, generator=g)
+    zn = (hidden @ weight.t() + bias)[..., vocab.number_ids]
+    top2 = zn.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > (0.05 if gemm_dtype is None else 0.5)
+    winner = vocab.number_ids[zn.argmax(-1)]
+    other = vocab.number_ids[torch.randint(0, 10, winner.shape, generator=g)]
+    labels = torch.where(torch.rand(winner.shape, generator=g) < 0.7, winner, other)
+    expected = labels == winner
+    out = ce_ntl(labels, vocab, NTLConfig(fused_block_size=8), hidden=hidden, head_weight=weight,
+                 head_bias=bias, gemm_dtype=gemm_dtype)
+    assert int(expected[clear].sum()) > 80
+    missed = int((expected & ~out.number_correct)[clear].sum())
+    extra = int((~expected & out.number_correct)[clear].sum())
+    assert (missed, extra) == (0, 0), f"of {int(clear.sum())} clear rows, {missed} winners " \
+                                      f"not 'correct', {extra} losers 'correct'"

@@ -106,15 +106,38 @@ def test_padded_vocab_and_errors():
         NumberVocab.from_tokenizer("/nonexistent/tokenizer.model")
 
 
-def test_shards_even_and_uneven():
+def test_slices_even_and_uneven():
     vocab = NumberVocab.from_tokens([str(i % 10) if i % 3 == 0 else f"t{i}" for i in range(10)])
     assert partition_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
-    shards = [vocab.shard(r, 3) for r in range(3)]
-    assert [s.number_ids.tolist() for s in shards] == [[0, 3], [2], [2]]
-    assert torch.cat([s.number_values for s in shards]).tolist() == [0.0, 3.0, 6.0, 9.0]
-    assert vocab.shard(start=5, end=10).number_ids.tolist() == [1, 4]
-    with pytest.raises(ValueError, match="not inside"):
-        vocab.shard(start=5, end=11)
+    slices = [vocab.slice_numbers(s, e) for s, e in partition_bounds(10, 3)]
+    assert [ids.tolist() for ids, _ in slices] == [[0, 3], [2], [2]]  # relative to the start
+    assert torch.cat([v for _, v in slices]).tolist() == [0.0, 3.0, 6.0, 9.0]
+    ids, values = vocab.slice_numbers(5, 10)
+    assert ids.tolist() == [1, 4] and values.tolist() == [6.0, 9.0]
+    for start, end in [(5, 11), (-1, 4), (4, 4)]:
+        with pytest.raises(ValueError, match="not inside"):
+            vocab.slice_numbers(start, end)
+    with pytest.raises(ValueError, match="cannot split a vocab of 10 over 11 ranks"):
+        partition_bounds(10, 11)
+
+
+def test_shard_for_one_rank():
+    vocab = NumberVocab.from_tokens([str(i % 10) if i % 3 == 0 else f"t{i}" for i in range(10)],
+                                    vocab_size=12)
+    shard = vocab.shard_for(12)
+    assert (shard.start, shard.end, shard.width, shard.group_size, shard.rank) == (0, 12, 12, 1, 0)
+    assert shard.fits and not shard.parallel and shard.vocab_size == 12 and shard.group is None
+    assert shard.number_ids.tolist() == [0, 3, 6, 9]
+    assert shard.number_values.tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert shard.column_to_number.tolist() == [0, -1, -1, 1, -1, -1, 2, -1, -1, 3, -1, -1]
+    torch.testing.assert_close(shard.values, vocab.values, equal_nan=True)
+    assert vocab.shard_for(12, None, None, torch.device("cpu")) is shard  # cached per layout
+    with pytest.raises(ValueError, match="logits have 10 vocab entries but the NumberVocab has "
+                                         "12; build it with vocab_size=10"):
+        vocab.shard_for(10)
+    with pytest.raises(ValueError, match="vocab_start_index=2 was given without a "
+                                         "tensor-parallel group"):
+        vocab.shard_for(10, start=2)
 
 
 def test_command_line(mistral_model_path):

@@ -122,6 +122,30 @@ def test_wheel_holds_every_module_and_declares_ranges(fresh):
     assert "ntl-numbers = ntl_deepspeed.numbers.__main__:main" in entry_points
 
 
+def test_dev_pins_are_inside_the_declared_ranges(fresh):
+    """requirements-dev.txt (what CI installs) satisfies the wheel's requirements and extras."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(fresh.wheel) as z:
+        info = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = email.parser.Parser().parsestr(z.read(info).decode())
+    outside = []
+    for line in meta.get_all("Requires-Dist"):
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": "test"}):
+            continue  # extras other than test (mpi, megatron, triton are in test too)
+        try:
+            installed = version(req.name)
+        except PackageNotFoundError:
+            outside.append(f"{req} (not installed)")
+            continue
+        if not req.specifier.contains(installed, prereleases=True):
+            outside.append(f"{req} (installed {installed})")
+    assert not outside, outside
+
+
 def test_imports_come_from_the_wheel(fresh):
     out = fresh.run([fresh.python, "-c",
                      "import sys, ntl_deepspeed, ntl_deepspeed.patches.transformers, "

@@ -1,10 +1,11 @@
-"""The single-device reference against the installed ntloss package (and its stored values)."""
+"""The single-device reference and the op (``ce_ntl``) against the installed ntloss package (and
+its stored values)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ntloss
-from ntl_deepspeed import NumberVocab, ntl_loss, number_level_loss
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss, number_level_loss
 
 KINDS = {"was": None, "mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
 
@@ -125,6 +126,45 @@ def test_mistral_number_level(mistral, float_level, reweigh):
                                      reweigh=reweigh, loss_weights=w, reduction=red)
             theirs = ref(logits, labels, loss_weights=w, reduction=red)
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def ntloss_for(tok, cfg):
+    if cfg.kind == "was":
+        return ntloss.NTLoss(tok, reweigh=cfg.reweigh, squash_factor=cfg.squash_factor)
+    if cfg.kind == "number_level":
+        return ntloss.NumberLevelLoss(tok, float_level=cfg.float_level, reweigh=cfg.reweigh)
+    return ntloss.NTLossDotProduct(tok, reweigh=cfg.reweigh, loss_function=KINDS[cfg.kind])
+
+
+@pytest.mark.parametrize("cfg", [
+    NTLConfig(kind="was"), NTLConfig(kind="was", reweigh=True, squash_factor=4.0),
+    NTLConfig(kind="mse", reweigh=True), NTLConfig(kind="l1"), NTLConfig(kind="huber"),
+    NTLConfig(kind="number_level", reweigh=True), NTLConfig(kind="number_level",
+                                                            float_level=True)],
+    ids=lambda c: f"{c.kind}-reweigh={c.reweigh}-squash={c.squash_factor}-float={c.float_level}")
+def test_op_matches_ntloss_and_cross_entropy(mistral, cfg):
+    """The op on the full 32000-token logits: its NTL is ntloss', its CE F.cross_entropy's
+    (weighted like the NTL), values and gradients."""
+    tok, vocab, logits, labels, weights = mistral
+    ref = ntloss_for(tok, cfg)
+    shard = vocab.shard_for(logits.shape[-1])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         reduction="none").view(labels.shape)
+    for w in (None, weights):
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        out = ce_ntl(labels, shard, cfg, logits=a, loss_weights=w)
+        theirs = ref(b, labels, loss_weights=w)
+        torch.testing.assert_close(out.ntl, theirs, rtol=1e-5, atol=1e-5)
+        out.ntl.backward()
+        theirs.backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+        ww = (labels != -100).float() * (1 if w is None else w)
+        torch.testing.assert_close(out.ce, (ce * ww).sum() / ww.sum(), rtol=1e-5, atol=1e-5)
+        per_token = ce_ntl(labels, shard, cfg, logits=logits, loss_weights=w, reduction="none")
+        torch.testing.assert_close(per_token.ntl, ref(logits, labels, loss_weights=w,
+                                                      reduction="none"), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(per_token.ce, ce * ww, rtol=1e-5, atol=1e-5)
 
 
 def test_no_number_label_gives_zero_that_backpropagates(mistral):

@@ -6,7 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import recorded_collectives, run_distributed
-from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss, vocab_parallel_ce_ntl
+from ntl_deepspeed import (NTLConfig, NumberVocab, ce_ntl, fused_linear_ce_ntl, ntl_loss,
+                           vocab_parallel_ce_ntl)
 from ntl_deepspeed.numbers import partition_bounds
 
 V = 37  # prime: uneven shards at TP 2, 3, 4
@@ -61,9 +62,12 @@ CONFIGS = [NTLConfig(kind="was"), NTLConfig(kind="was", reweigh=True),
                                                      float_level=True)]
 
 
-def check_against_reference(rank, world, vocab, bounds, dtype, tol):
+def check_against_reference(rank, world, vocab, bounds, dtype, tol, pass_start=True):
+    """``pass_start=False``: the shard finds its slice itself (the even partition by rank)."""
     group = dist.group.WORLD if world > 1 else None
     start, end = bounds[rank]
+    vocab_shard = vocab.shard_for(end - start, group, start if pass_start else None)
+    assert (vocab_shard.start, vocab_shard.end, vocab_shard.fits) == (start, end, True)
     for seed, cfg in enumerate(CONFIGS):
         for weights_on in (False, True):
             logits, labels, weights = make_batch(vocab, seed)
@@ -72,8 +76,7 @@ def check_against_reference(rank, world, vocab, bounds, dtype, tol):
             w = weights if weights_on else None
             shard = logits[..., start:end].clone().requires_grad_()
             before = shard.detach().clone()
-            out = vocab_parallel_ce_ntl(shard, labels, vocab, group, cfg, loss_weights=w,
-                                        vocab_start_index=start)
+            out = ce_ntl(labels, vocab_shard, cfg, logits=shard, loss_weights=w)
             out.loss.backward()
             assert torch.equal(shard.detach(), before), "the op modified its input logits"
             full = logits.float().requires_grad_()
@@ -95,8 +98,8 @@ def worker_matches_reference(rank, world, layouts, uneven):
         if uneven:  # a different uneven split than the default one
             cuts = sorted({0, V} | {V * (r + 1) // (world + 1) + 2 for r in range(world - 1)})
             bounds = list(zip(cuts[:-1], cuts[1:]))
-        check_against_reference(rank, world, vocab, bounds, torch.float32, 1e-5)
-        check_against_reference(rank, world, vocab, bounds, torch.bfloat16, 2e-2)
+        check_against_reference(rank, world, vocab, bounds, torch.float32, 1e-5, uneven)
+        check_against_reference(rank, world, vocab, bounds, torch.bfloat16, 2e-2, uneven)
 
 
 def test_single_device_matches_reference():
@@ -124,8 +127,8 @@ def worker_contract_and_megatron(rank, world):
     # 1) exactly one MAX and one SUM all-reduce in forward, nothing in backward
     with recorded_collectives() as counts:
         shard = logits[..., start:end].clone().requires_grad_()
-        out = vocab_parallel_ce_ntl(shard, labels, vocab, dist.group.WORLD,
-                                    NTLConfig(kind="was", reweigh=True))
+        out = ce_ntl(labels, vocab.shard_for(end - start, dist.group.WORLD),
+                     NTLConfig(kind="was", reweigh=True), logits=shard)
         forward_calls = list(counts)
         out.loss.backward()
         backward_calls = counts[len(forward_calls):]
@@ -145,8 +148,8 @@ def worker_contract_and_megatron(rank, world):
         s, e = partition_bounds(pad, world)[rank]
         ours_in = big[..., s:e].clone().requires_grad_()
         meg_in = big[..., s:e].clone().requires_grad_()
-        ours = vocab_parallel_ce_ntl(ours_in, labels.clamp_min(0), padded, dist.group.WORLD,
-                                     enabled=False, reduction="none")
+        ours = ce_ntl(labels.clamp_min(0), padded.shard_for(e - s, dist.group.WORLD, s),
+                      NTLConfig(enabled=False), logits=ours_in, reduction="none")
         meg = vocab_parallel_cross_entropy(meg_in.clone(), labels.clamp_min(0))
         torch.testing.assert_close(ours.ce_per_token, meg, rtol=1e-5, atol=1e-5)
         ours.loss.sum().backward()
@@ -165,8 +168,9 @@ def worker_global_normalization(rank, world):
     vocab = make_vocab("spread")
     logits, labels, _ = make_batch(vocab, 100 + rank, shape=(2, 9 + 4 * rank))
     x = logits.clone().requires_grad_()
-    out = vocab_parallel_ce_ntl(x, labels, vocab, None, NTLConfig(kind="mse", weight=1.0,
-                                normalization="global"), dp_group=dist.group.WORLD)
+    out = ce_ntl(labels, vocab.shard_for(V), NTLConfig(kind="mse", weight=1.0,
+                                                       normalization="global"),
+                 logits=x, dp_group=dist.group.WORLD)
     out.ntl.backward()
     grad_avg_factor = 1.0 / world  # what DP gradient averaging does
     value = out.ntl.detach().clone()
@@ -187,31 +191,132 @@ def test_global_normalization_equals_one_big_batch():
     run_distributed(worker_global_normalization, 2)
 
 
-def worker_bad_shards(rank, world):
+# ---------------------------------------------------------------------- number_correct: ties
+def tie_case(seed=0, tokens=24):
+    """Logits with planted ties and clear winners (rows 0-9), then rows of small integers (many
+    ties); labels; and the expected ``number_correct``, computed here on the full logits."""
+    vocab = make_vocab("spread")
+    ids = vocab.number_ids  # [3, 7, ..., 36]; at TP 2: 3..14 on rank 0, 19..36 on rank 1
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(-2, 3, (tokens, V), generator=g).float()
+    labels = ids[torch.randint(0, 10, (tokens,), generator=g)]
+    z[torch.arange(tokens), labels] += torch.randint(0, 3, (tokens,), generator=g).float()
+    first, last = int(ids[0]), int(ids[-1])
+    planted = [  # (label, logits row, expected)
+        (first, torch.zeros(V), False),                     # collapsed: all logits equal
+        (last, torch.full((V,), 4.0), False),               # collapsed, label on the last rank
+        (first, torch.zeros(V).index_fill(0, ids[:1], 1.0), True),    # clear winner
+        (last, torch.zeros(V).index_fill(0, ids[-1:], 1.0), True),    # ... on the last rank
+        (first, torch.zeros(V).index_fill(0, ids[[0, -1]], 1.0), False),  # tie across ranks
+        (last, torch.zeros(V).index_fill(0, ids[[0, -1]], 1.0), False),   # the same, other label
+        (last, torch.zeros(V).index_fill(0, ids[:1], 1.0), False),    # another number wins
+        (int(ids[1]), torch.zeros(V).index_fill(0, ids[1:3], 2.0), False),  # tie on one rank
+        (first, torch.zeros(V).index_fill(0, ids[:1], 1.0).index_fill(0, torch.tensor([0]), 9.0),
+         True),                                             # a text token is higher: irrelevant
+        (0, torch.zeros(V).index_fill(0, torch.tensor([0]), 1.0), False),  # text label
+    ]
+    for row, (label, logits_row, _) in enumerate(planted):
+        labels[row], z[row] = label, logits_row
+    labels[len(planted)] = -100
+    # expected: the label is a number token and the only number token at the number maximum
+    zn = z[:, ids]
+    at_label = (ids.unsqueeze(0) == labels.unsqueeze(1))
+    top = zn.max(-1, keepdim=True).values
+    label_on_top, alone = ((zn == top) & at_label).any(-1), (zn == top).sum(-1) == 1
+    expected = at_label.any(-1) & label_on_top & alone
+    assert expected[:len(planted)].tolist() == [e for _, _, e in planted]
+    rest = slice(len(planted) + 1, None)  # random rows: some correct, some tied at the top
+    assert expected[rest].any() and (label_on_top & ~alone)[rest].any()
+    return vocab, z.view(2, tokens // 2, V), labels.view(2, tokens // 2), \
+        expected.view(2, tokens // 2)
+
+
+def check_ties(rank, world):
+    vocab, z, labels, expected = tie_case()
+    group = dist.group.WORLD if world > 1 else None
+    start, end = partition_bounds(V, world)[rank]
+    shard = vocab.shard_for(end - start, group)
+    for kind in ("was", "number_level"):
+        out = ce_ntl(labels, shard, NTLConfig(kind=kind), logits=z[..., start:end])
+        assert out.number_correct.dtype == torch.bool
+        assert torch.equal(out.number_correct, expected), (kind, rank, world)
+        # the hidden-state path: an identity head gives exactly the same logits
+        out = ce_ntl(labels, shard, NTLConfig(kind=kind, fused_block_size=8), hidden=z,
+                     head_weight=torch.eye(V)[start:end])
+        assert torch.equal(out.number_correct, expected), (kind, rank, world, "hidden")
+
+
+def test_ties_are_not_correct_single_device():
+    check_ties(0, 1)
+
+
+# ---------------------------------------------------------------------- bad shards
+def worker_ties_and_bad_shards(rank, world):
+    check_ties(rank, world)
+
     vocab = make_vocab("spread")
     logits, labels, _ = make_batch(vocab, 3)
     broadcast_from_rank0(logits, labels)
     start, end = partition_bounds(V, world)[rank]
     shard = logits[..., start:end]
-    # rank 1 claims a slice that overlaps rank 0's: every rank must raise, none may hang
-    wrong_start = start - 1 if rank == 1 else start
-    with pytest.raises(ValueError, match="do not partition"):
-        vocab_parallel_ce_ntl(shard, labels, vocab, dist.group.WORLD,
-                              vocab_start_index=wrong_start)
-    # rank 0's shard is one column short of the even partition
+    group = dist.group.WORLD
+    even = vocab.shard_for(end - start, group)
+    assert (even.start, even.end, even.rank, even.group_size, even.fits) == (start, end, rank,
+                                                                            world, True)
+    inside = vocab.number_ids[(vocab.number_ids >= start) & (vocab.number_ids < end)]
+    assert torch.equal(even.number_ids + start, inside)
+    checked = NTLConfig(check_inputs=True)
+    # every rank must raise (none may hang): by default through a device-side assert on the
+    # header all ranks share, with check_inputs through a host read naming the problem
+    # 1) rank 1 claims a slice that overlaps rank 0's
+    overlap = vocab.shard_for(end - start, group, start - 1 if rank == 1 else start)
+    with pytest.raises(RuntimeError, match="vocab shards are inconsistent"):
+        ce_ntl(labels, overlap, logits=shard)
+    with pytest.raises(ValueError, match=r"vocab shards \[\(0, 19\), \(18, 36\)\] do not "
+                                         r"partition \[0, 37\) in rank order"):
+        ce_ntl(labels, overlap, checked, logits=shard)
+    # 2) rank 0's logits are one column short of its slice of the even partition
     bad = shard[..., :-1] if rank == 0 else shard
-    with pytest.raises(ValueError, match="rank 0: its logits shard does not fit"):
-        vocab_parallel_ce_ntl(bad, labels, vocab, dist.group.WORLD)
-    # NaN on one rank only, with check_finite: all ranks raise with the count
+    short = vocab.shard_for(bad.shape[-1], group)
+    assert short.fits == (rank != 0)
+    with pytest.raises(RuntimeError, match="vocab shards are inconsistent"):
+        ce_ntl(labels, short, logits=bad)
+    with pytest.raises(ValueError, match=r"rank 0: its logits shard does not fit the vocab "
+                                         r"slice \[0, 19\) of a 37-token vocab"):
+        ce_ntl(labels, short, checked, logits=bad)
+    # 3) NaN on one rank only, with check_finite: all ranks raise with the count
     nan_shard = shard.clone()
     if rank == 1:
         nan_shard[0, 0, :3] = float("nan")
     with pytest.raises(ValueError, match=r"3 non-finite values \(per tensor-parallel rank: {1: 3}"):
-        vocab_parallel_ce_ntl(nan_shard, labels, vocab, dist.group.WORLD, check_finite=True)
-    # the group still works afterwards
-    out = vocab_parallel_ce_ntl(shard, labels, vocab, dist.group.WORLD)
-    assert torch.isfinite(out.loss)
+        ce_ntl(labels, even, NTLConfig(check_finite=True), logits=nan_shard)
+    # the group still works afterwards, and gives the reference's CE
+    out = ce_ntl(labels, even, NTLConfig(enabled=False), logits=shard)
+    torch.testing.assert_close(out.ce, F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1)))
 
 
-def test_bad_shards_raise_on_every_rank_without_hanging():
-    run_distributed(worker_bad_shards, 2, timeout=120)
+def test_ties_and_bad_shards_on_two_ranks():
+    run_distributed(worker_ties_and_bad_shards, 2, timeout=120)
+
+
+# ---------------------------------------------------------------------- the 0.1 names
+def test_deprecated_aliases_still_work_and_warn():
+    vocab = make_vocab("spread")
+    logits, labels, weights = make_batch(vocab, 5)
+    cfg = NTLConfig(kind="mse", reweigh=True)
+    ref, ref_ce, ref_ntl = reference(logits, labels, vocab, cfg, weights)
+    with pytest.warns(DeprecationWarning, match="vocab_parallel_ce_ntl is deprecated .*ce_ntl"):
+        out = vocab_parallel_ce_ntl(logits, labels, vocab, None, loss_weights=weights,
+                                    kind="mse", reweigh=True)  # 0.1 keyword overrides
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.ntl, ref_ntl, rtol=1e-5, atol=1e-5)
+    with pytest.warns(DeprecationWarning, match="fused_linear_ce_ntl is deprecated .*ce_ntl"):
+        out = fused_linear_ce_ntl(logits, torch.eye(V), labels, vocab, None, cfg,
+                                  loss_weights=weights, block_size=8, token_chunk=5)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="1 non-finite"):
+        vocab_parallel_ce_ntl(logits.index_fill(-1, torch.tensor([5]), float("nan"))[:1, :1],
+                              labels[:1, :1], vocab, check_finite=True)
+    with pytest.warns(DeprecationWarning), \
+            pytest.raises(ValueError, match="vocab_start_index=3 was given without a tensor-"):
+        vocab_parallel_ce_ntl(logits[..., 3:], labels, vocab, None, vocab_start_index=3)

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
+import torch
+
 from ..config import NTLConfig, as_config
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
@@ -126,6 +128,25 @@ def number_vocab(model, tokenizer, config: NTLConfig) -> NumberVocab:
                                       vocab_size=_model_vocab_size(model))
 
 
+def runs_fp16(engine_or_model) -> bool:
+    """A DeepSpeed engine with ``"fp16"`` enabled, or a model whose LM head is float16."""
+    fp16_enabled = getattr(engine_or_model, "fp16_enabled", None)
+    if callable(fp16_enabled) and fp16_enabled():
+        return True
+    get_head = getattr(_unwrap(engine_or_model), "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    weight = getattr(head, "weight", None)
+    return weight is not None and weight.dtype == torch.float16
+
+
+def check_half_precision(engine_or_model, vocab: NumberVocab, config: NTLConfig) -> None:
+    """fp16 logits: refuse number vocabularies whose NTL gradients overflow float16
+    (:meth:`NumberVocab.check_representable`), with the fix in the message."""
+    if config.enabled and config.weight > 0 and runs_fp16(engine_or_model):
+        vocab.check_representable(torch.float16, config.kind, config.weight,
+                                  config.reweigh, config.squash_factor)
+
+
 def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None] = None, *,
             vocab: Optional[NumberVocab] = None,
             on_output: Optional[Callable[[CENTLOutput], None]] = None):
@@ -146,6 +167,7 @@ def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None
     config = as_config(config)
     model = _unwrap(engine_or_model)
     vocab = vocab or number_vocab(model, tokenizer, config)
+    check_half_precision(engine_or_model, vocab, config)
     layout = model_layout(model)
     loss = HFLoss(vocab, config, layout.tp_group, layout.vocab_start_index, layout.dp_group,
                   on_output if config.log_metrics else None)

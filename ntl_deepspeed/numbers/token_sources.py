@@ -12,8 +12,21 @@ from typing import Any, List, Optional, Tuple
 
 Pieces = Tuple[List[Optional[str]], int]
 
+# A token id past this is a corrupt or hostile file, not a vocabulary (the largest real ones are
+# ~256k): refused before a list of that size is allocated.
+MAX_TOKEN_ID = 10_000_000
 
-def _from_vocab_dict(vocab: dict) -> Pieces:
+
+def _check_id(idx: int, where: str) -> int:
+    if not 0 <= idx <= MAX_TOKEN_ID:
+        raise ValueError(f"{where}: token id {idx} is outside [0, {MAX_TOKEN_ID:,}]: not a "
+                         "real vocabulary (corrupt file?)")
+    return idx
+
+
+def _from_vocab_dict(vocab: dict, where: str = "tokenizer vocabulary") -> Pieces:
+    for idx in vocab.values():
+        _check_id(idx, where)
     size = max(vocab.values()) + 1 if vocab else 0
     pieces: List[Optional[str]] = [None] * size
     for token, idx in vocab.items():
@@ -31,7 +44,11 @@ def from_hf_object(tok: Any) -> Pieces:
 def from_tokenizer_json(path: str) -> Pieces:
     from tokenizers import Tokenizer
 
-    return _from_vocab_dict(Tokenizer.from_file(path).get_vocab(with_added_tokens=True))
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+    return _from_vocab_dict(tokenizer.get_vocab(with_added_tokens=True), path)
 
 
 def from_sentencepiece(sp: Any) -> Pieces:
@@ -62,9 +79,11 @@ def from_tiktoken_file(path: str) -> Pieces:
                 continue
             try:
                 token_b64, rank = line.split()
-                ranks[int(rank)] = base64.b64decode(token_b64)
+                rank = int(rank)
+                token = base64.b64decode(token_b64, validate=True)
             except ValueError as e:
                 raise ValueError(f"{path}:{line_no}: not a tiktoken BPE line ({e})") from None
+            ranks[_check_id(rank, f"{path}:{line_no}")] = token
     size = max(ranks) + 1 if ranks else 0
     pieces: List[Optional[str]] = [None] * size
     for rank, b in ranks.items():

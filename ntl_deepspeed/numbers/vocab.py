@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import functools
+import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +48,27 @@ def token_value(piece: Optional[str], mode: str) -> Optional[float]:
             return None
         return v if math.isfinite(v) else None
     raise ValueError(f"unknown number-token mode {mode!r}: expected one of {MODES}")
+
+
+def _as_float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float64).float())
+
+
+def _warn_float32(overflow, inexact, shown: int = 5) -> None:
+    """One warning per problem, naming the first tokens: values beyond float32 are left out of
+    the number tokens, values float32 rounds keep the rounded value."""
+    def names(items):
+        text = ", ".join(repr(item[1]) + (f" (id {item[0]}, becomes {item[2]:.9g})"
+                                          if len(item) > 2 else f" (id {item[0]})")
+                         for item in items[:shown])
+        return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+    if overflow:
+        warnings.warn(f"{len(overflow)} number token(s) overflow float32 and are not treated "
+                      f"as numbers: {names(overflow)}", RuntimeWarning, stacklevel=3)
+    if inexact:
+        warnings.warn(f"{len(inexact)} number token value(s) are not exactly representable in "
+                      f"float32 and are rounded: {names(inexact)}", RuntimeWarning, stacklevel=3)
 
 
 def partition_bounds(vocab_size: int, world_size: int) -> List[Tuple[int, int]]:
@@ -121,13 +144,21 @@ class NumberVocab:
         values = torch.full((vocab_size,), float("nan"), dtype=torch.float32)
         tokens: Dict[int, str] = {}
         decimal_point_id = None
+        overflow, inexact = [], []
         for i, piece in enumerate(pieces[:tokenizer_size]):
             v = token_value(piece, mode)
             if v is not None:
-                values[i] = v
+                v32 = _as_float32(v)
+                if not math.isfinite(v32):  # inf would poison every NTL of the batch
+                    overflow.append((i, piece))
+                    continue
+                if v32 != v:
+                    inexact.append((i, piece, v32))
+                values[i] = v32
                 tokens[i] = piece
             elif piece == "." and decimal_point_id is None:
                 decimal_point_id = i
+        _warn_float32(overflow, inexact)
         if not tokens:
             raise ValueError(f"the tokenizer has no number token in mode {mode!r}"
                              + (" (try mode='integers')" if mode == "digits" else ""))
@@ -158,6 +189,61 @@ class NumberVocab:
     @functools.cached_property
     def value_range(self) -> Tuple[float, float]:
         return float(self.number_values.min()), float(self.number_values.max())
+
+    @functools.cached_property
+    def fingerprint(self) -> int:
+        """crc32 of the vocab size, the number-token ids and their values: equal for equal
+        number vocabularies (the op compares it across tensor-parallel ranks)."""
+        crc = zlib.crc32(str(self.vocab_size).encode())
+        crc = zlib.crc32(self.number_ids.numpy().tobytes(), crc)
+        return zlib.crc32(self.number_values.numpy().tobytes(), crc)
+
+    def gradient_bound(self, kind: str = "was", weight: float = 1.0, reweigh: bool = False,
+                       squash_factor: Optional[float] = None) -> float:
+        """An upper bound of ``|d (weight * NTL) / d logit|`` for one token (reduction
+        ``sum``), from the spread of the number-token values: ``weight * span`` for WAS, L1 and
+        Huber (``squash_factor`` for a squashed WAS), ``weight * 2 span^2`` for MSE, plus
+        ``1.01 * max_distance`` with ``reweigh``. The op computes in fp32 and rounds the
+        gradient into the logits' dtype at the end, so this must fit that dtype."""
+        vmin, vmax = self.value_range
+        span = vmax - vmin
+        if kind == "mse":
+            bound = 2.0 * span * span
+        elif kind == "number_level":  # digits only: a small multiple of the digit span
+            bound = 2.0 * span
+        elif kind == "was" and squash_factor is not None:
+            bound = float(squash_factor)
+        else:  # was, l1, huber: |p_k (D_k - l)| or |p_k (v_k - yhat)| <= span
+            bound = span
+        if reweigh:
+            bound += 1.01 * self.max_distance(kind, squash_factor)
+        return float(weight) * bound
+
+    def check_representable(self, dtype: torch.dtype, kind: str = "was", weight: float = 1.0,
+                            reweigh: bool = False, squash_factor: Optional[float] = None) -> None:
+        """Raise a ValueError when NTL's gradient on logits of ``dtype`` can overflow it (e.g.
+        NTL-MSE on integer tokens up to 999 in float16: ``2 * 999^2 * 0.3 = 6e5 > 65504``; even
+        the loss scale 1 cannot help). Measured: ``ce_ntl`` with fp16 logits and number tokens
+        up to 1e6 gives an inf gradient for MSE, and for WAS/L1/Huber as soon as a loss scale is
+        applied. bf16 and fp32 have float32's range."""
+        if not dtype.is_floating_point:
+            raise TypeError(f"check_representable: {dtype} is not a floating-point dtype")
+        limit = torch.finfo(dtype).max
+        bound = self.gradient_bound(kind, weight, reweigh, squash_factor)
+        if not bound < limit:
+            vmin, vmax = self.value_range
+            fixes = ["train in bf16 or fp32"]
+            if kind != "was":
+                fixes.append("use kind='was' (gradients ~ the value span, not its square)")
+            if kind == "was" and squash_factor is None:
+                fixes.append("set a squash_factor")
+            if self.mode != "digits":
+                fixes.append("use mode='digits'")
+            raise ValueError(
+                f"NTL kind={kind!r} (weight {weight:g}{', reweigh' if reweigh else ''}) on "
+                f"number tokens valued {vmin:g}..{vmax:g} (mode {self.mode!r}) can give logit "
+                f"gradients up to {bound:.3g} per token, beyond {dtype}'s largest value "
+                f"{limit:.6g}: the gradients would overflow to inf. Fix: " + ", or ".join(fixes))
 
     @functools.cached_property
     def _distance_span(self) -> Optional[Tuple[float, float]]:

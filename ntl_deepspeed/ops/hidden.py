@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .statistics import (OpSpec, combine, gradient_terms, label_rows, save_for_backward,
-                         saved_tensors)
+from .statistics import (OpSpec, combine, gradient_terms, label_rows, labels_fingerprint,
+                         save_for_backward, saved_tensors)
 
 # (vocab columns per block, tokens per chunk). CPU: buffers that stay in cache; CUDA: fewer,
 # larger GEMMs (launch count), [chunk, block] fp32 = 128 MiB.
@@ -108,7 +108,9 @@ class HiddenCENTL(torch.autograd.Function):
                 zn[t0:t1] += bias.index_select(0, shard.number_ids).float()
                 target[t0:t1] += bias.index_select(0, cols).float()
         target = torch.where(rows.in_shard, target, torch.zeros_like(target))
-        outputs, stats = combine(lse_local, zn, target, rows, shard, spec, nonfinite)
+        labels_fp = labels_fingerprint(labels1d) if shard.parallel else None
+        outputs, stats = combine(lse_local, zn, target, rows, shard, spec, nonfinite,
+                                 labels_fp)
         ctx.shard, ctx.spec, ctx.blocking, ctx.has_bias = shard, spec, blocking, bias is not None
         no_bias = hidden.new_empty(0)
         return save_for_backward(ctx, (hidden, weight, no_bias if bias is None else bias, zn),

@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .statistics import (OpSpec, combine, gradient_terms, label_rows, save_for_backward,
-                         saved_tensors)
+from .statistics import (OpSpec, combine, gradient_terms, label_rows, labels_fingerprint,
+                         save_for_backward, saved_tensors)
 
 # Logits per chunk (fp32 scratch, 4 MiB): bounds memory beyond the gradient; measured on CPU,
 # chunks that stay in cache beat 16 MiB ones by ~30 %.
@@ -94,8 +94,9 @@ class LogitsCENTL(torch.autograd.Function):
     """Per-token CE, NTL, y-hat, number mass and number-argmax from a vocab shard's logits.
 
     Communication contract, over ``shard.group`` when it has more than one rank (see
-    :mod:`.statistics`): forward exactly 2 collectives -- one all-reduce(MAX) of ``[3 T + 4 P]``
-    floats, one all-reduce(SUM) of ``[6, T]`` floats; backward none. Inputs are never modified;
+    :mod:`.statistics`): forward exactly 2 collectives -- one all-reduce(MAX) of ``[3 T + 7 P]``
+    floats, one all-reduce(SUM) of ``[6, T]`` floats (``spec.read_header``: the ``7 P`` header
+    first, alone: 3 collectives); backward none. Inputs are never modified;
     accumulation is fp32 for any logits dtype; the gradient has the logits' dtype. Extra memory:
     O(T x local number tokens) plus one chunk of CHUNK_ELEMENTS (torch backend). No host
     synchronisation unless ``spec.read_header``.
@@ -108,7 +109,9 @@ class LogitsCENTL(torch.autograd.Function):
         lse_local, target, nonfinite = row_statistics(logits2d, rows.target_local, rows.in_shard,
                                                       spec.check_finite)
         zn = logits2d.index_select(1, shard.number_ids).float()
-        outputs, stats = combine(lse_local, zn, target, rows, shard, spec, nonfinite)
+        labels_fp = labels_fingerprint(labels1d) if shard.parallel else None
+        outputs, stats = combine(lse_local, zn, target, rows, shard, spec, nonfinite,
+                                 labels_fp)
         ctx.shard, ctx.spec, ctx.backend = shard, spec, backend
         return save_for_backward(ctx, (logits2d,), outputs, rows, stats)
 

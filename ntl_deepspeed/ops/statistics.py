@@ -10,20 +10,27 @@ statistics into the pieces of d loss / d logits; backward communicates nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..config import NTLConfig
+from ..config import LOSS_FIELDS, NTLConfig
 from ..numbers import VocabShard, label_targets
 from .math import (dot_product_loss, dot_product_loss_grad, number_distance, reweigh,
                    worst_loss)
 
 PER_TOKEN_KINDS = ("was", "mse", "l1", "huber")
-_HEADER_SLOTS = 4  # per rank, in the MAX all-reduce: start, end, non-finite count, shard error
+# per rank, in the MAX all-reduce: its vocab slice (start, end), non-finite count, shard error,
+# and a fingerprint of what must be identical on every rank of the group: token count, the
+# options and number vocabulary, the labels
+_HEADER_SLOTS = 7
+_START, _END, _NONFINITE, _SHARD_ERROR, _TOKENS, _OPTIONS, _LABELS = range(_HEADER_SLOTS)
 _FP32_EXACT = float(1 << 24)
+_FINGERPRINT_MASK = (1 << 24) - 1  # fingerprints are 24-bit integers: exact in fp32
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class OpSpec:
     ignore_index: int
     check_finite: bool        # count non-finite logits (a host read)
     read_header: bool         # read the header on the host: precise errors, one sync
+    fingerprint: float = 0.0  # of the options and the number vocab: equal on all TP ranks
 
     @classmethod
     def build(cls, config: NTLConfig, shard: VocabShard) -> "OpSpec":
@@ -49,7 +57,29 @@ class OpSpec:
             if config.enabled and config.reweigh else 0.0
         return cls(kind, config.reweigh and config.enabled, max_distance, squash,
                    config.ignore_index, config.check_finite,
-                   config.check_finite or config.check_inputs)
+                   config.check_finite or config.check_inputs,
+                   options_fingerprint(config, vocab))
+
+
+@functools.lru_cache(maxsize=256)
+def _options_fingerprint(options: tuple, vocab_fingerprint: int) -> float:
+    return float(zlib.crc32(repr((options, vocab_fingerprint)).encode()) & _FINGERPRINT_MASK)
+
+
+def options_fingerprint(config: NTLConfig, vocab) -> float:
+    """A 24-bit fingerprint (exact in fp32) of the options that change the loss and of the
+    number vocabulary (size, number ids, values): equal on every rank that computes the same
+    loss."""
+    options = tuple((name, getattr(config, name)) for name in LOSS_FIELDS)
+    return _options_fingerprint(options, vocab.fingerprint)
+
+
+def labels_fingerprint(labels1d: torch.Tensor) -> torch.Tensor:
+    """``sum(labels * (position + 1))`` in int64 (wrapping identically everywhere), its low 24
+    bits as a 0-dim float: any changed, added, missing or swapped label changes it. On the
+    labels' device: no host sync."""
+    positions = torch.arange(1, labels1d.numel() + 1, device=labels1d.device)
+    return ((labels1d.long() * positions).sum() & _FINGERPRINT_MASK).float()
 
 
 class PerToken(NamedTuple):
@@ -113,21 +143,32 @@ def label_rows(labels1d: torch.Tensor, shard: VocabShard, ignore_index: int) -> 
 
 
 def combine(lse_local: torch.Tensor, zn: torch.Tensor, target: torch.Tensor, rows: RowLabels,
-            shard: VocabShard, spec: OpSpec, nonfinite: Optional[torch.Tensor]):
+            shard: VocabShard, spec: OpSpec, nonfinite: Optional[torch.Tensor],
+            labels_fp: Optional[torch.Tensor] = None):
     """The two collectives and the per-token results, from this rank's local statistics:
     ``lse_local`` [T] (log-sum-exp of its logits), ``zn`` [T, N_local] (its number-token logits,
     fp32), ``target`` [T] (the label's logit where it is on this rank, else 0), ``nonfinite``
-    (a scalar count, when ``spec.check_finite``). Returns ``(PerToken, RowStatistics)``."""
+    (a scalar count, when ``spec.check_finite``), ``labels_fp`` (:func:`labels_fingerprint`).
+    With ``spec.read_header`` the header is all-reduced on its own first (three collectives).
+    Returns ``(PerToken, RowStatistics)``."""
     n, values = lse_local.shape[0], shard.number_values
     ninf = torch.full((n,), float("-inf"), device=lse_local.device)
     nlse_local = torch.logsumexp(zn, -1) if zn.shape[1] else ninf
     nmax_local = zn.max(-1).values if zn.shape[1] else ninf
 
-    header = _header(shard, nonfinite, lse_local.device)
-    maxed = torch.cat([lse_local, nlse_local, nmax_local, header.reshape(-1)])
-    if shard.parallel:
+    header = _header(shard, nonfinite, n, spec.fingerprint, labels_fp, lse_local.device)
+    if spec.read_header and shard.parallel:
+        # host-checked mode: the fixed-size header travels alone, first, so that ranks with
+        # different token counts get a clear error instead of mismatched collective sizes
+        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=shard.group)
+        _check_header(header, shard, spec)
+        maxed = torch.cat([lse_local, nlse_local, nmax_local])
         dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=shard.group)
-    _check_header(maxed[3 * n:].view(shard.group_size, _HEADER_SLOTS), shard, spec)
+    else:
+        maxed = torch.cat([lse_local, nlse_local, nmax_local, header.reshape(-1)])
+        if shard.parallel:
+            dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=shard.group)
+        _check_header(maxed[3 * n:].view(shard.group_size, _HEADER_SLOTS), shard, spec)
     big_lse, big_nlse, nmax = maxed[:n], maxed[n:2 * n], maxed[2 * n:3 * n]
 
     e = torch.exp(zn - big_nlse.unsqueeze(1))  # [T, N_local]
@@ -198,12 +239,17 @@ def gradient_terms(grads, zn: torch.Tensor, rows: RowLabels, stats: RowStatistic
 
 
 # ---------------------------------------------------------------------- the shard header
-def _header(shard: VocabShard, nonfinite: Optional[torch.Tensor], device) -> torch.Tensor:
+def _header(shard: VocabShard, nonfinite: Optional[torch.Tensor], tokens: int,
+            options_fp: float, labels_fp: Optional[torch.Tensor], device) -> torch.Tensor:
     """This rank's row of the header (other rows -1, so the MAX all-reduce assembles it)."""
     header = torch.full((shard.group_size, _HEADER_SLOTS), -1.0, device=device)
-    header[shard.rank, 0], header[shard.rank, 1] = shard.start, shard.end
-    header[shard.rank, 2] = 0.0 if nonfinite is None else nonfinite.clamp(max=_FP32_EXACT)
-    header[shard.rank, 3] = 0.0 if shard.fits else 1.0
+    row = header[shard.rank]
+    row[_START], row[_END] = shard.start, shard.end
+    row[_NONFINITE] = 0.0 if nonfinite is None else nonfinite.clamp(max=_FP32_EXACT)
+    row[_SHARD_ERROR] = 0.0 if shard.fits else 1.0
+    row[_TOKENS] = min(tokens, _FP32_EXACT)
+    row[_OPTIONS] = options_fp
+    row[_LABELS] = 0.0 if labels_fp is None else labels_fp
     return header
 
 
@@ -214,24 +260,36 @@ def _check_header(header: torch.Tensor, shard: VocabShard, spec: OpSpec) -> None
     if spec.read_header:
         _raise_on_bad_header(header.tolist(), shard.vocab_size)
     elif shard.parallel:
-        starts, ends = header[:, 0], header[:, 1]
-        ok = ((header[:, 3] == 0).all() & (starts[0] == 0) & (ends[-1] == shard.vocab_size)
-              & (ends[:-1] == starts[1:]).all())
+        starts, ends = header[:, _START], header[:, _END]
+        same = header[:, _TOKENS:] == header[:1, _TOKENS:]
+        ok = ((header[:, _SHARD_ERROR] == 0).all() & (starts[0] == 0)
+              & (ends[-1] == shard.vocab_size) & (ends[:-1] == starts[1:]).all() & same.all())
         torch._assert_async(ok, "tensor-parallel vocab shards are inconsistent: a rank's logits "
-                                "do not fit its vocab slice, or the slices do not partition the "
-                                "vocab in rank order (set ntl.check_inputs for the details)")
+                                "do not fit its vocab slice, the slices do not partition the "
+                                "vocab in rank order, or the ranks got different labels, token "
+                                "counts, NTL options or number vocabularies (set "
+                                "ntl.check_inputs for the details)")
 
 
 def _raise_on_bad_header(rows, vocab_size: int) -> None:
-    for r, (start, end, _nonfinite, err) in enumerate(rows):
-        if err == 1.0:
+    for r, row in enumerate(rows):
+        if row[_SHARD_ERROR] == 1.0:
             raise ValueError(f"tensor-parallel rank {r}: its logits shard does not fit the vocab "
-                             f"slice [{int(start)}, {int(end)}) of a {vocab_size}-token vocab")
-    bounds = [(int(s), int(e)) for s, e, _, _ in rows]
+                             f"slice [{int(row[_START])}, {int(row[_END])}) of a {vocab_size}-token "
+                             "vocab")
+    bounds = [(int(row[_START]), int(row[_END])) for row in rows]
     if bounds[0][0] != 0 or bounds[-1][1] != vocab_size or any(
             a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"vocab shards {bounds} do not partition [0, {vocab_size}) in rank order")
-    bad = {r: int(n) for r, (_, _, n, _) in enumerate(rows) if n > 0}
+    for slot, what in ((_TOKENS, "token counts"),
+                       (_OPTIONS, "NTL options or number vocabularies (fingerprints)"),
+                       (_LABELS, "labels (fingerprints)")):
+        values = {r: int(row[slot]) for r, row in enumerate(rows)}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"tensor-parallel ranks disagree on their {what}: {values} per "
+                             "rank; every rank of the group must get the same batch (labels) "
+                             "and the same ntl options and number vocabulary")
+    bad = {r: int(row[_NONFINITE]) for r, row in enumerate(rows) if row[_NONFINITE] > 0}
     if bad:
         raise ValueError(f"logits contain {sum(bad.values())} non-finite values "
                          f"(per tensor-parallel rank: {bad})")

@@ -18,31 +18,124 @@ from ..device import configure
 
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--deepspeed_config", required=True)
-    ap.add_argument("--model", required=True, help="model config JSON (transformers LlamaConfig)")
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--deepspeed_config", required=True,
+                    help="DeepSpeed config JSON; its \"ntl\" section configures NTL")
+    ap.add_argument("--model", required=True,
+                    help='model config JSON: a transformers config with "model_type" (llama, '
+                         "qwen2, mistral, gpt2, ...; default llama); vocab_size comes from the "
+                         "tokenizer")
     ap.add_argument("--tokenizer", default=None,
-                    help="tokenizer (.model / tokenizer.json / dir); default: train one on the corpus")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--corpus-sentences", type=int, default=20000)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--output-dir", default=os.path.join("runs", "pretrain"),
-                    help="where metrics, checkpoints and plots go")
-    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end)")
-    ap.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoints")
-    ap.add_argument("--ntl-weight", type=float, default=None, help="override ntl.weight")
-    ap.add_argument("--plain-ce", action="store_true",
-                    help="keep the model's own CE loss (no NTL): the baseline to compare with")
-    ap.add_argument("--mpi", action="store_true", help="discover ranks from MPI (mpirun)")
-    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--no-save", action="store_true", help="skip the final checkpoint")
-    return ap.parse_args(argv)
+                    help="tokenizer (.model / tokenizer.json / dir); default: a sentencepiece "
+                         "model trained on the embedded corpus")
+    ap.add_argument("--steps", type=_non_negative, default=200, help="optimizer steps")
+    ap.add_argument("--seq-len", type=_positive, default=64,
+                    help="tokens per sequence (blocks of seq-len + 1 tokens)")
+
+    data = ap.add_argument_group("data")
+    data.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                      help="training text: .txt files (one document per non-blank line), "
+                           ".jsonl files (a \"text\" field per line), .gz of either, or "
+                           "directories of them (recursive, sorted); documents are assigned to "
+                           "DP ranks round robin and streamed; none: the embedded corpus")
+    data.add_argument("--corpus-sentences", type=int, default=20000,
+                      help="size of the embedded corpus (without --data)")
+    data.add_argument("--seed", type=int, default=1234,
+                      help="seed of the embedded corpus and of the model initialisation")
+
+    val = ap.add_argument_group("validation")
+    held = val.add_mutually_exclusive_group()
+    held.add_argument("--eval-fraction", type=_fraction, default=0.0,
+                      help="hold out this share of the documents (of --data, or of the embedded "
+                           "corpus) by a hash of the document index: never trained on")
+    held.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
+                      help="held-out text (same formats as --data)")
+    val.add_argument("--eval-split", choices=("problems", "sentences"), default="problems",
+                     help="embedded corpus: hold out arithmetic problems (operation and operand "
+                          "pair, in every wording) or whole sentences")
+    val.add_argument("--eval-every", type=_non_negative, default=0,
+                     help="evaluate every N steps (0: only at the end; a final evaluation always "
+                          "runs when there is held-out data)")
+    val.add_argument("--eval-batches", type=_non_negative, default=10,
+                     help="held-out micro-batches per DP rank in each evaluation")
+    val.add_argument("--generate-eval", type=_non_negative, default=0, metavar="N",
+                     help="after training, greedy-decode N arithmetic prompts (held-out problems "
+                          "with --eval-split problems) and write generation.json")
+
+    out = ap.add_argument_group("output")
+    out.add_argument("--output-dir", default=os.path.join("runs", "pretrain"),
+                     help="everything the run writes: metrics.jsonl, run_info.json, curves.png, "
+                          "generation.json, checkpoints/, the DeepSpeed monitor's csv / "
+                          "tensorboard output")
+    out.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from output-dir/checkpoints (steps and data position)")
+    out.add_argument("--no-plot", action="store_true", help="skip curves.png")
+    out.add_argument("--no-save", action="store_true", help="skip the final checkpoint")
+
+    loss = ap.add_argument_group("loss")
+    loss.add_argument("--ntl-weight", type=float, default=None,
+                      help="override ntl.weight of the ds_config")
+    loss.add_argument("--plain-ce", action="store_true",
+                      help="keep the model's own CE loss (no NTL): the baseline to compare with")
+
+    safety = ap.add_argument_group("reliability (docs/reliability.md)")
+    safety.add_argument("--keep-checkpoints", type=_non_negative, default=3, metavar="K",
+                        help="keep the K newest complete checkpoints, delete older ones (0: all)")
+    safety.add_argument("--allow-config-change", action="store_true",
+                        help="--resume even if the checkpoint's loss options, batch, seq-len, "
+                             "model, tokenizer or data differ (the differences are printed)")
+    safety.add_argument("--max-nonfinite-steps", type=_non_negative, default=3, metavar="N",
+                        help="stop (exit 1, naming the last good checkpoint) after N "
+                             "consecutive steps with a non-finite loss (0: never)")
+    safety.add_argument("--dist-timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="timeout of every collective (torch.distributed's default: 30 "
+                             "min): a stalled rank fails the run after this long")
+
+    launch = ap.add_argument_group("launch")
+    launch.add_argument("--mpi", action="store_true", help="discover ranks from MPI (mpirun)")
+    launch.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return ap
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
+    from .watchdog import watch_launcher
+
+    watch_launcher()  # never outlive the launcher (parent-death signal + watchdog thread)
     args = parse_args(argv)
     configure()  # cuda/nccl or cpu/gloo, before DeepSpeed is imported
     import torch
@@ -53,9 +146,15 @@ def main(argv=None):
     try:
         trainer = Trainer.from_args(args)
         trainer.train()
-    except BaseException:
+    except BaseException as e:
         # a failed worker must exit: gloo/ZeRO threads can otherwise keep it alive forever
-        traceback.print_exc()
+        from .checkpoint import CheckpointError
+        from .watchdog import TrainingDiverged
+
+        if isinstance(e, (CheckpointError, TrainingDiverged)):  # expected: one clear line
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         exit_worker(1)
     exit_worker(0)
 

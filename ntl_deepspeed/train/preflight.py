@@ -5,7 +5,8 @@
 Parses the arguments exactly as the trainer does (:func:`ntl_deepspeed.train.cli.parse_args`)
 and checks the files they name: the ds_config (valid JSON, its ``"ntl"`` section, a
 ``--ntl-weight`` override, AutoTP's vocab-parallel head in the installed DeepSpeed), the model
-config (exists, a JSON object), the tokenizer if one is given (it loads and can encode text) and,
+config (exists, a JSON object, a known ``model_type``), ``--data`` / ``--eval-data`` (exist,
+hold .txt / .jsonl files), the tokenizer if one is given (it loads and can encode text) and,
 with ``--resume``, the checkpoint directory. A problem prints one line ``error: ...`` naming the
 file and key on stderr and exits 2; otherwise it prints nothing and exits 0. The launchers in
 ``launch/`` run it once before starting the ranks, so a typo costs seconds, not a job start.
@@ -82,6 +83,23 @@ def check_model_config(path: str) -> None:
     if not isinstance(config, dict):
         raise PreflightError(f"--model {path}: expected a JSON object (a transformers "
                              f"LlamaConfig), got {type(config).__name__}")
+    if "model_type" in config:  # default: llama
+        from .models import check_model_type
+
+        try:
+            check_model_type(config["model_type"], path)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+
+
+def check_data(paths, option: str) -> None:
+    """Every path exists and holds .txt / .jsonl data (the files are read by the ranks)."""
+    from .data.documents import list_files
+
+    try:
+        list_files(paths, option)
+    except (OSError, ValueError) as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_tokenizer(path: str) -> None:
@@ -101,6 +119,9 @@ def check(argv: Optional[Sequence[str]] = None) -> None:
     args = _parse(argv)
     check_deepspeed_config(args.deepspeed_config, args.ntl_weight)
     check_model_config(args.model)
+    for option in ("data", "eval_data"):
+        if getattr(args, option, None):
+            check_data(getattr(args, option), "--" + option.replace("_", "-"))
     if args.tokenizer is not None:
         check_tokenizer(args.tokenizer)
     if args.resume:

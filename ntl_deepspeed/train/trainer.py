@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,15 +17,25 @@ from ..integrations.deepspeed import (autotp_size, check_deepspeed_for_autotp, i
 from ..numbers import NumberVocab
 from ..numbers.token_sources import read_pieces
 from ..metrics import NTLMetrics
+from . import checkpoint
+from .data.sources import build_data
+from .watchdog import DivergenceGuard
+from .evaluation import Evaluator
+from .outputs import redirect_monitors
 
 
-def init_distributed(mpi: bool) -> None:
+def init_distributed(mpi: bool, timeout: Optional[float] = None) -> None:
+    """``timeout`` (seconds, ``--dist-timeout``): of every collective, so that a stalled rank
+    fails the run instead of hanging it (torch's default: 30 minutes)."""
+    import datetime
+
     import deepspeed
 
     from ..device import backend
 
     skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=mpi)
+    extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=mpi, **extra)
 
 
 def shared_corpus_tokenizer(seed: int) -> str:
@@ -42,14 +52,13 @@ def build_engine(model_config_path: str, vocab_size: int, ds_config: dict):
     """A causal LM from a model config JSON under ZeRO-3's ``zero.Init`` (through
     ``HfDeepSpeedConfig``, which keeps HF's initialisation; keep it alive) and its engine."""
     import deepspeed
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    with open(model_config_path) as f:
-        model_cfg = json.load(f)
-    model_cfg["vocab_size"] = vocab_size
+    from .models import model_config  # any HF causal LM: "model_type" (default llama)
+
     hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**model_cfg))
+    model = AutoModelForCausalLM.from_config(model_config(model_config_path, vocab_size))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=ds_config)
     return engine, hf_ds_config
@@ -83,6 +92,12 @@ def _debug_exit(step: int) -> None:
         os._exit(3)
 
 
+def _debug_nan(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test hook: NTL_DEBUG_NAN_FROM=k makes the loss NaN from step k (0-based) on."""
+    spec = os.environ.get("NTL_DEBUG_NAN_FROM")
+    return loss * float("nan") if spec and step >= int(spec) else loss
+
+
 @dataclass
 class Trainer:
     args: object
@@ -99,6 +114,12 @@ class Trainer:
     metrics: NTLMetrics = None
     history: List[Dict[str, float]] = field(default_factory=list)
     start_step: int = 0
+    data: object = None       # training batches (data/sources.py)
+    evaluator: object = None  # held-out evaluation (evaluation.py)
+    tokenizer: str = None
+    generation: dict = None   # --generate-eval result (rank 0)
+    started_at: float = field(default_factory=time.time)
+    last_checkpoint: str = None  # the newest complete checkpoint (saved or resumed from)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -107,7 +128,8 @@ class Trainer:
         if args.ntl_weight is not None:
             ntl = ntl.replace(weight=args.ntl_weight)
         check_deepspeed_for_autotp(ds_config)
-        init_distributed(args.mpi)
+        ds_config = redirect_monitors(ds_config, args.output_dir)  # all output in --output-dir
+        init_distributed(args.mpi, getattr(args, "dist_timeout", None))
         tokenizer = args.tokenizer or shared_corpus_tokenizer(args.seed)
         pieces, tokenizer_size = read_pieces(tokenizer)  # read once: size, then numbers
         vocab_size = pad_vocab(tokenizer_size, 8 * autotp_size(ds_config))
@@ -125,7 +147,11 @@ class Trainer:
             install(engine, config=ntl, vocab=vocab, on_output=trainer.metrics)
         trainer.dp_rank = dist.get_rank(trainer.dp_group)
         trainer.dp_size = dist.get_world_size(trainer.dp_group)
-        trainer.blocks = token_blocks(tokenizer, args.corpus_sentences, args.seed, args.seq_len)
+        trainer.tokenizer = tokenizer
+        trainer.data, eval_batches = build_data(args, tokenizer, trainer.dp_rank, trainer.dp_size,
+                                                engine.train_micro_batch_size_per_gpu(),
+                                                ntl.ignore_index)
+        trainer.evaluator = Evaluator(trainer, eval_batches, args.eval_every)
         if args.resume:
             trainer.load()
         elif dist.get_rank() == 0 and os.path.exists(trainer.metrics_path()):
@@ -139,10 +165,7 @@ class Trainer:
     def batch(self, micro_step: int) -> torch.Tensor:
         """This DP rank's micro-batch number ``micro_step``: deterministic, identical on its TP
         ranks."""
-        mb = self.engine.train_micro_batch_size_per_gpu()
-        first = (micro_step * self.dp_size + self.dp_rank) * mb
-        idx = torch.arange(first, first + mb) % self.blocks.shape[0]
-        return self.blocks[idx]
+        return self.data.batch(micro_step)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -153,12 +176,13 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.start_step, disable=not rank0, desc="pretrain",
                    dynamic_ncols=True, file=sys.stdout)
         gas = self.engine.gradient_accumulation_steps()
+        guard = DivergenceGuard(getattr(self.args, "max_nonfinite_steps", 3))
         for step in range(self.start_step, steps):  # one optimizer step = gas micro-batches
             t0 = time.perf_counter()
             losses, tokens = [], 0
             for micro in range(gas):
                 ids = self.batch(step * gas + micro).to(self.engine.device)
-                loss = self.engine(input_ids=ids, labels=ids).loss
+                loss = _debug_nan(self.engine(input_ids=ids, labels=ids).loss, step)
                 self.engine.backward(loss)
                 self.engine.step()
                 losses.append(loss.detach())
@@ -174,14 +198,23 @@ class Trainer:
                 row["ce"] = row["loss"]  # the model's own loss is the CE
             self.history.append(row)
             self.log(row)
+            # the same reduced loss on every rank: all stop together, naming the last good one
+            finite = guard.update(step, row["loss"], self.last_checkpoint)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("ce", "ntl", "number_mae",
                                                           "tokens_per_s") if k in row})
             bar.update(1)
-            if self.args.save_every and (step + 1) % self.args.save_every == 0:
-                self.save(step + 1)
+            if self.evaluator.due(step + 1):
+                self.evaluate(step + 1, bar)
+            if finite and self.args.save_every and (step + 1) % self.args.save_every == 0:
+                self.save(step + 1)  # never a checkpoint of a non-finite step
+        self.finish_evaluation(steps, bar)
         bar.close()
-        if not self.args.no_save:
+        final = os.path.join(self.checkpoint_dir(), f"step{steps}")
+        if not self.args.no_save and not guard.streak and self.last_checkpoint != final:
             self.save(steps)
+        elif guard.streak and rank0:
+            print(f"warning: the last step's loss is not finite: no final checkpoint (last good: "
+                  f"{self.last_checkpoint})", flush=True)
         self.write_run_info()
         if rank0:
             self.summary()
@@ -216,24 +249,89 @@ class Trainer:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.args.output_dir, "checkpoints")
 
+    def run_config(self) -> dict:
+        """The setup a checkpoint must be resumed with (checkpoint.run_config)."""
+        return checkpoint.run_config(self.engine, self.args, self.ntl, self.tokenizer)
+
     def save(self, step: int) -> None:
-        self.engine.save_checkpoint(self.checkpoint_dir(), tag=f"step{step}",
-                                    client_state={"step": step})
+        """Atomic: committed (manifest, rename, ``latest``) only once every rank has written
+        and flushed its files; keeps the newest ``--keep-checkpoints`` (checkpoint.py)."""
+        self.last_checkpoint = checkpoint.save(
+            self.engine, self.checkpoint_dir(), step, {"step": step, **self.data_state()},
+            self.run_config(), keep=getattr(self.args, "keep_checkpoints", 3),
+            log=self._log_rank0)
 
     def load(self) -> None:
-        path, state = self.engine.load_checkpoint(self.checkpoint_dir())
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.checkpoint_dir()}")
+        """The checkpoint ``latest`` names if complete, else the newest complete one; verified
+        files only, ``weights_only`` loads, the same setup unless --allow-config-change."""
+        self.last_checkpoint, state = checkpoint.resume(
+            self.engine, self.checkpoint_dir(), self.run_config(),
+            allow_change=getattr(self.args, "allow_config_change", False), log=self._log_rank0)
         self.start_step = int(state["step"])
+        self.restore_data(state)
+
+    @staticmethod
+    def _log_rank0(message: str) -> None:
+        if dist.get_rank() == 0:
+            print(message, flush=True)
 
     # ------------------------------------------------------------------ end
     def summary(self) -> None:
-        from .report import plot_curves, summary_table
+        from .outputs import files_written
+        from .report import eval_summary, plot_curves, summary_table
 
         print(summary_table(self.history), flush=True)
+        evals = self.evaluator.history if self.evaluator else []
+        if evals or self.generation:
+            print(eval_summary(evals, self.generation), flush=True)
         if not self.args.no_plot and self.history:
-            path = plot_curves(self.history, os.path.join(self.args.output_dir, "curves.png"))
+            path = plot_curves(self.history, os.path.join(self.args.output_dir, "curves.png"),
+                               evals)
             print(f"curves: {path}", flush=True)
+        files = files_written(self.args.output_dir, self.started_at)
+        print(f"files written under {self.args.output_dir}:\n" +
+              "\n".join(f"  {f}" for f in files), flush=True)
+
+    # ------------------------------------------------------------------ validation
+    def evaluate(self, steps_done: int, bar=None) -> None:
+        from .evaluation import eval_line
+
+        row = self.evaluator.run(steps_done)
+        if row is not None and bar is not None and dist.get_rank() == 0:
+            bar.write(eval_line(row))
+
+    def finish_evaluation(self, steps: int, bar=None) -> None:
+        """The final evaluation (unless the last step was just evaluated) and --generate-eval."""
+        done = self.evaluator.history
+        if self.evaluator.enabled and not (done and done[-1]["step"] == steps - 1):
+            self.evaluate(steps, bar)
+        if self.args.generate_eval:
+            from .generation import generate_eval
+
+            self.generation = generate_eval(self, self.args.generate_eval, os.path.join(
+                self.args.output_dir, "generation.json"))
+
+    # ------------------------------------------------------------------ data position
+    def data_state(self) -> dict:
+        """Every DP rank's data position (streamed --data), for the checkpoint's client_state
+        (written by one rank): gathered from all ranks."""
+        state = self.data.state()
+        if state is None:  # the embedded corpus: a function of the step
+            return {}
+        everything = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, (self.dp_rank, self.dp_size, state))
+        return {"data_position": {r: s for r, _, s in everything},
+                "data_dp_size": self.dp_size}
+
+    def restore_data(self, client_state: dict) -> None:
+        positions = client_state.get("data_position")
+        if positions is not None and client_state.get("data_dp_size") != self.dp_size:
+            raise ValueError(f"--resume: the checkpoint was written with "
+                             f"{client_state.get('data_dp_size')} data-parallel ranks, this run "
+                             f"has {self.dp_size}: the data positions do not carry over")
+        gas = self.engine.gradient_accumulation_steps()
+        self.data.restore(None if positions is None else positions.get(self.dp_rank),
+                          self.start_step * gas)
 
 
 

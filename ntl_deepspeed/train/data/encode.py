@@ -39,3 +39,19 @@ def text_encoder(path: str) -> Encoder:
         raise ValueError(f"{path}: a *.tiktoken file has no pre-tokenizer pattern, so it cannot "
                          "encode training text here; pass a sentencepiece .model or tokenizer.json")
     return _sentencepiece(path)
+
+
+def text_decoder(path: str) -> Callable[[List[int]], str]:
+    """``decode(ids) -> text`` for the same tokenizer files as :func:`text_encoder`."""
+    kind, path = tokenizer_file(path)
+    if kind == "json":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(path)
+        return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+    if kind == "tiktoken":
+        raise ValueError(f"{path}: a *.tiktoken file cannot be used for generation here")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    return lambda ids: sp.decode(list(ids))

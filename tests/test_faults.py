@@ -1,0 +1,231 @@
+"""Faults that must end a run loudly, or never start it: inconsistent tensor-parallel ranks, a
+stalled rank, a killed launcher, values fp16/fp32 cannot hold, and bad inputs (each a clear
+error). Checkpoint faults: test_checkpoints.py."""
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+from launch_utils import gone, kill_all, metrics, start, wait_for, workers
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl
+from ntl_deepspeed.integrations.deepspeed import check_half_precision, split_config
+from ntl_deepspeed.numbers.token_sources import read_pieces
+
+V = 37
+
+
+def tp_vocab():
+    tokens = [f"w{i}" for i in range(V)]
+    for digit, i in enumerate([3, 7, 11, 14, 19, 23, 26, 30, 33, 36]):
+        tokens[i] = str(digit)
+    return NumberVocab.from_tokens(tokens)
+
+
+# ---------------------------------------------------------------------- tensor-parallel ranks
+def worker_inconsistent_ranks(rank, world):
+    vocab = tp_vocab()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, V, generator=g)
+    labels = torch.randint(0, V, (2, 6), generator=g)
+    shard = vocab.shard_for((V + 1) // 2 if rank == 0 else V // 2, dist.group.WORLD)
+    part = logits[..., shard.start:shard.end]
+    checked = NTLConfig(check_inputs=True)
+
+    def both_modes(labels_, part_, config, detail):
+        # default: device-side assert on the shared header; check_inputs: the named problem
+        with pytest.raises(RuntimeError, match="vocab shards are inconsistent.*different labels, "
+                                               "token counts, NTL options"):
+            ce_ntl(labels_, shard, config, logits=part_)
+        with pytest.raises(ValueError, match=detail):
+            ce_ntl(labels_, shard, config.replace(check_inputs=True), logits=part_)
+
+    # 1) one label differs on rank 1
+    other = labels.clone()
+    if rank == 1:
+        other[1, 4] = (other[1, 4] + 1) % V
+    both_modes(other, part, NTLConfig(), r"disagree on their labels \(fingerprints\): \{0: \d+, "
+                                         r"1: \d+\}.*same batch")
+    # 2) two labels swapped on rank 1 (same multiset of labels)
+    swapped = labels.clone()
+    if rank == 1:
+        swapped[0, 0], swapped[0, 1] = labels[0, 1], labels[0, 0]
+    assert labels[0, 0] != labels[0, 1]
+    both_modes(swapped, part, NTLConfig(), "disagree on their labels")
+    # 3) different options: reweigh on rank 1 only; a different weight
+    both_modes(labels, part, NTLConfig(reweigh=rank == 1), "disagree on their NTL options")
+    both_modes(labels, part, NTLConfig(weight=0.3 + 0.1 * rank), "disagree on their NTL options")
+    # 4) different token counts (the collectives would differ in size): check_inputs sends the
+    # fixed-size header alone first, so every rank raises the same clear error
+    n = 12 - 2 * rank
+    with pytest.raises(ValueError, match=r"disagree on their token counts: \{0: 12, 1: 10\}"):
+        ce_ntl(labels.view(-1)[:n], shard, checked, logits=part.reshape(12, -1)[:n])
+    # 5) the fused path carries the same header
+    hidden = torch.randn(12, 8, generator=g)
+    head = torch.randn(V, 8, generator=g)[shard.start:shard.end]
+    with pytest.raises(ValueError, match="disagree on their labels"):
+        ce_ntl(other.view(-1), shard, checked, hidden=hidden, head_weight=head)
+    # the group is still in step: a consistent call works, in both modes
+    for config in (NTLConfig(), checked):
+        assert torch.isfinite(ce_ntl(labels, shard, config, logits=part).loss)
+
+
+def test_inconsistent_tensor_parallel_ranks_raise_the_same_error_everywhere():
+    run_distributed(worker_inconsistent_ranks, 2, timeout=120)
+
+
+# ---------------------------------------------------------------------- numbers fp16/fp32 cannot hold
+def test_fp16_refuses_number_values_whose_ntl_gradient_overflows():
+    tokens = [f"w{i}" for i in range(40)] + ["1000000", "5", "999999", "12", "250000", "1"]
+    big = NumberVocab.from_tokens(tokens, mode="integers", vocab_size=48)
+    # measured: fp16 logits, MSE on values up to 1e6: the gradient overflows to inf
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 16, 48) * 2).half().requires_grad_()
+    labels = torch.randint(40, 46, (4, 16))
+    ce_ntl(labels, big, NTLConfig(kind="mse", mode="integers"), logits=logits).loss.backward()
+    assert not torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match=r"kind='mse' .* valued 1\.\.1e\+06 .* up to 6e\+11 per "
+                                         r"token, beyond torch\.float16's largest value 65504.*"
+                                         r"bf16 or fp32.*kind='was'"):
+        big.check_representable(torch.float16, "mse", weight=0.3)
+    with pytest.raises(ValueError, match="squash_factor"):
+        big.check_representable(torch.float16, "was", weight=0.3)
+    big.check_representable(torch.bfloat16, "mse", weight=0.3)  # float32's range: fine
+    big.check_representable(torch.float16, "was", weight=0.3, squash_factor=10.0)
+    digits = tp_vocab()
+    for kind in ("was", "mse", "l1", "huber"):  # digits: 2 * 9^2 at most
+        digits.check_representable(torch.float16, kind, weight=1.0, reweigh=True)
+
+    # the DeepSpeed install path runs the check when the model is fp16
+    from tiny_llama import model_and_batch
+
+    model = model_and_batch()[0].half()
+    vocab = NumberVocab.from_tokens(tokens[:40] + tokens[40:] + [f"x{i}" for i in range(18)],
+                                    mode="integers", vocab_size=64)
+    with pytest.raises(ValueError, match="float16"):
+        check_half_precision(model, vocab, NTLConfig(kind="mse", mode="integers"))
+    check_half_precision(model.float(), vocab, NTLConfig(kind="mse", mode="integers"))
+
+    class FP16Engine:  # what install() asks a DeepSpeed engine
+        module = model
+
+        def fp16_enabled(self):
+            return True
+
+    with pytest.raises(ValueError, match="float16"):
+        check_half_precision(FP16Engine(), vocab, NTLConfig(kind="mse", mode="integers"))
+
+
+def test_number_tokens_float32_cannot_hold_are_named():
+    tokens = ["a", "16777217", "1" + "0" * 40, "5", "12", "b"]
+    with pytest.warns(RuntimeWarning) as caught:
+        vocab = NumberVocab.from_tokens(tokens, mode="integers")
+    text = " | ".join(str(w.message) for w in caught)
+    assert "'16777217' (id 1, becomes 16777216)" in text
+    assert "overflow float32 and are not treated as numbers: '1" + "0" * 40 + "' (id 2)" in text
+    assert vocab.number_ids.tolist() == [1, 3, 4]  # the overflowing one is left out
+    assert torch.isfinite(vocab.number_values).all()
+
+
+@pytest.mark.parametrize("section,message", [
+    ('{"squash_factor": Infinity}', r"ntl\.squash_factor: must be finite, got inf"),
+    ('{"weight": NaN}', r"ntl\.weight: must be finite, got nan"),
+    ('{"weight": "0.3"}', r"ntl\.weight: expected a number, got '0\.3'"),
+    ('{"reweigh": "yes"}', r"ntl\.reweigh: expected true or false, got 'yes'"),
+    ('{"check_finite": 1}', r"ntl\.check_finite: expected true or false, got 1"),
+])
+def test_ds_config_values_are_never_coerced(section, message, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_micro_batch_size_per_gpu": 1, "ntl": ' + section + "}")
+    with pytest.raises(ValueError, match=message):
+        split_config(str(path))
+
+
+# ---------------------------------------------------------------------- inputs: clear errors
+@pytest.mark.parametrize("argv,message", [
+    (["--seq-len", "0"], "--seq-len: must be > 0, got 0"),
+    (["--seq-len", "-4"], "--seq-len: must be > 0, got -4"),
+    (["--steps", "-1"], "--steps: must be >= 0, got -1"),
+    (["--dist-timeout", "0"], "--dist-timeout: must be a positive number of seconds"),
+    (["--keep-checkpoints", "-2"], "--keep-checkpoints: must be >= 0"),
+])
+def test_bad_numbers_on_the_command_line(argv, message, capsys):
+    from ntl_deepspeed.train import preflight
+    from ntl_deepspeed.train.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--deepspeed_config", "x.json", "--model", "m.json", *argv])
+    assert message in capsys.readouterr().err
+    with pytest.raises(preflight.PreflightError, match=message.split(":")[0]):
+        preflight.check(["--deepspeed_config", "x.json", "--model", "m.json", *argv])
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json", "vocab.tiktoken"])
+def test_tokenizer_of_random_bytes_names_the_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x00" + random.Random(0).randbytes(4095))
+    with pytest.raises(ValueError, match=str(path)):
+        read_pieces(str(path))
+
+
+def test_tiktoken_with_an_absurd_vocabulary_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "huge.tiktoken"
+    path.write_bytes(b"MA== 0\nMQ== 1\nMg== 99999999999999\n")  # "0", "1", "2" at rank 1e14
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"{path}:3: token id 99999999999999 is outside "
+                                         r"\[0, 10,000,000\]"):
+        read_pieces(str(path))
+    assert time.perf_counter() - t0 < 1.0  # no 1e14-entry list
+
+
+def test_vocab_start_index_without_a_tensor_parallel_group():
+    with pytest.raises(ValueError, match="vocab_start_index=5 was given without a "
+                                         "tensor-parallel group"):
+        tp_vocab().shard_for(V, None, start=5)
+
+
+# ---------------------------------------------------------------------- stalled ranks, orphans
+def test_stalled_rank_fails_the_run_within_the_timeout(tmp_path):
+    timeout = 15
+    launcher = start(tmp_path, "--steps", "100000", "--dist-timeout", str(timeout),
+                     "--save-every", "0", "--no-save", log=str(tmp_path / "log.txt"))
+    ranks = {}
+    try:
+        wait_for(lambda: len(metrics(tmp_path)) >= 3, 120, "training to start")
+        ranks = workers(launcher.pid)
+        assert sorted(ranks) == [0, 1]
+        ranks[1].send_signal(signal.SIGSTOP)  # rank 1 hangs: no crash, no message
+        stalled_at = time.monotonic()
+        wait_for(lambda: gone(ranks[0]), timeout + 20, "rank 0 to fail")
+        assert time.monotonic() - stalled_at < timeout + 10
+        # DeepSpeed's launcher SIGTERMs the stalled rank (delivered once it runs again) and
+        # waits up to 30 s before SIGKILL: let it run so the launch ends now
+        ranks[1].send_signal(signal.SIGCONT)
+        assert launcher.wait(timeout=60) != 0
+        log = (tmp_path / "log.txt").read_text()
+        assert "Timed out" in log or "timed out" in log, log[-3000:]
+    finally:
+        kill_all(list(ranks.values()))
+        kill_all([launcher])
+
+
+def test_killing_the_launcher_leaves_no_worker_training(tmp_path):
+    launcher = start(tmp_path, "--steps", "100000", "--save-every", "0", "--no-save")
+    processes = []
+    try:
+        wait_for(lambda: len(metrics(tmp_path)) >= 3, 120, "training to start")
+        import psutil
+
+        processes = psutil.Process(launcher.pid).children(recursive=True)  # launch + workers
+        assert len(workers(launcher.pid)) == 2
+        launcher.send_signal(signal.SIGKILL)  # the deepspeed runner: no chance to clean up
+        launcher.wait(timeout=10)
+        killed_at = time.monotonic()
+        wait_for(lambda: all(gone(p) for p in processes), 10, "every worker to exit")
+        assert time.monotonic() - killed_at < 10
+    finally:
+        kill_all(processes)
