@@ -6,6 +6,7 @@ refuses a different setup unless --allow-config-change.
 Fast tests drive ntl_deepspeed.train.checkpoint with a stand-in engine that writes and reads its
 files through the real SafeCheckpointEngine; the launch tests run the real trainer on 2 ranks."""
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -229,38 +230,40 @@ STEPS = ("--steps", "6", "--save-every", "2", "--keep-checkpoints", "2")
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """6 uninterrupted steps, checkpoints at 2, 4, 6 (the 2 newest kept)."""
-    out = tmp_path_factory.mktemp("baseline")
-    launch(out, *STEPS)
+def crashed_run(tmp_path_factory):
+    """6 steps with checkpoints every 2; rank 1 is SIGKILLed half-way through its second file
+    of the step-4 save; then the same command with --resume. Returns (folder, rows logged
+    before the crash, what the crash left, the resumed launch)."""
+    out = tmp_path_factory.mktemp("crashed")
+    proc = launch(out, *STEPS, check=False, extra_env={checkpoint.FAULT_ENV: "1:2:file2.mid"})
+    assert proc.returncode != 0 and "rank 1 killed at file2.mid of save 2" in proc.output
     ckpt = out / "checkpoints"
+    left = {"latest": (ckpt / "latest").read_text(), "entries": sorted(os.listdir(ckpt))}
+    before = metrics(out)
+    resumed = launch(out, *STEPS, "--resume")
+    return out, before, left, resumed
+
+
+def test_rank_killed_mid_file_during_a_save_resumes_exactly(crashed_run):
+    out, before, left, resumed = crashed_run
+    ckpt = out / "checkpoints"
+    # the crash left step2 complete and named by latest, step4 only as a staging folder
+    assert left == {"latest": "step2", "entries": [".tmp-step4", "latest", "step2",
+                                                   "zero_to_fp32.py", "zero_to_torch.py"]}
+    assert [r["step"] for r in before] == [0, 1, 2, 3]
+    assert f"--resume: continuing from {ckpt / 'step2'}" in resumed.output
+    # steps 2 and 3, trained again from the checkpoint, equal the uninterrupted run's
+    after = metrics(out)[len(before):]
+    assert [r["step"] for r in after] == [2, 3, 4, 5]
+    assert [r["loss"] for r in after[:2]] == pytest.approx([r["loss"] for r in before[2:]],
+                                                           rel=1e-6)
+    assert losses_by_step(out)[5] < before[0]["loss"]
     assert sorted(os.listdir(ckpt)) == ["latest", "step4", "step6", "zero_to_fp32.py",
-                                        "zero_to_torch.py"]
-    return out
+                                        "zero_to_torch.py"]  # crash leftovers gone, keep 2
 
 
-def test_rank_killed_mid_file_during_a_save_resumes_exactly(baseline, tmp_path):
-    # rank 1 is SIGKILLed half-way through its second file of the step-4 save
-    proc = launch(tmp_path, *STEPS, check=False,
-                  extra_env={checkpoint.FAULT_ENV: "1:2:file2.mid"})
-    assert proc.returncode != 0
-    ckpt = tmp_path / "checkpoints"
-    assert (ckpt / "latest").read_text() == "step2"
-    assert not (ckpt / "step4").exists() and (ckpt / ".tmp-step4").exists()
-    first = metrics(tmp_path)
-    proc = launch(tmp_path, *STEPS, "--resume")
-    assert f"--resume: continuing from {ckpt / 'step2'}" in proc.output
-    full = losses_by_step(baseline)
-    assert list(full) == list(range(6))
-    assert losses_by_step(tmp_path) == pytest.approx(full, rel=1e-6)
-    redone = [r["loss"] for r in metrics(tmp_path)[len(first):]][:2]  # steps 2, 3 again
-    assert redone == pytest.approx([r["loss"] for r in first[2:4]], rel=1e-6)
-    assert sorted(n for n in os.listdir(ckpt) if not n.endswith(".py")) == [
-        "latest", "step4", "step6"]  # the leftovers of the crash are gone
-
-
-def test_corrupted_and_hostile_files_in_a_real_checkpoint(baseline, tmp_path):
-    shutil.copytree(baseline / "checkpoints", tmp_path / "checkpoints")
+def test_corrupted_and_hostile_files_in_a_real_checkpoint(crashed_run, tmp_path):
+    shutil.copytree(crashed_run[0] / "checkpoints", tmp_path / "checkpoints")
     ckpt = tmp_path / "checkpoints"
     # step6 (latest): one optimizer shard overwritten in place, same size
     victim = ckpt / "step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -274,27 +277,29 @@ def test_corrupted_and_hostile_files_in_a_real_checkpoint(baseline, tmp_path):
     relist(str(ckpt / "step4"), name)
     proc = launch(tmp_path, *STEPS, "--resume", check=False)
     assert proc.returncode != 0
-    assert "step6: zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 mismatch" in proc.output
-    assert "resuming from step4" in proc.output
-    assert "refused to load: unsupported GLOBAL posix.system" in proc.output
+    assert ("--resume: 'latest' names step6, but zero_pp_rank_1_mp_rank_00_optim_states.pt: "
+            "sha256 mismatch (corrupted or modified); resuming from step4") in proc.output
+    assert (f"error: {ckpt / 'step4' / name}: refused to load: unsupported GLOBAL "
+            "posix.system") in proc.output
     assert not marker.exists()
 
 
-def test_setup_change_refused_then_allowed_and_divergence_stops_loudly(baseline, tmp_path):
-    shutil.copytree(baseline / "checkpoints", tmp_path / "checkpoints")
-    proc = launch(tmp_path, "--steps", "20", "--resume", "--ntl-weight", "0.5", check=False)
-    assert proc.returncode != 0
-    assert "was trained with a different setup: ntl.weight: 0.3 -> 0.5" in proc.output
-    # allowed; from step 9 on the loss is NaN: 3 non-finite steps, then a loud stop
+def test_setup_change_allowed_and_logged_then_divergence_stops_loudly(crashed_run, tmp_path):
+    shutil.copytree(crashed_run[0] / "checkpoints", tmp_path / "checkpoints")
+    # (the refusal without --allow-config-change: test_resume_with_a_different_setup_...)
+    # from step 9 on the loss is NaN: 3 non-finite steps, then a loud stop
     proc = launch(tmp_path, "--steps", "20", "--save-every", "2", "--resume", "--ntl-weight",
                   "0.5", "--allow-config-change", check=False,
                   extra_env={"NTL_DEBUG_NAN_FROM": "8"})
     assert proc.returncode != 0
-    assert "changed setup: ntl.weight: 0.3 -> 0.5" in proc.output
+    assert "--allow-config-change: resuming" in proc.output
+    assert "with a changed setup: ntl.weight: 0.3 -> 0.5" in proc.output
     good = tmp_path / "checkpoints" / "step8"
-    assert (f"training diverged: the loss was non-finite (nan) for 3 consecutive optimizer "
-            f"steps (9..11); the last good checkpoint is {good}") in proc.output
-    assert sorted(n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step")) == [
-        "step6", "step8"]  # no checkpoint of a NaN step
+    assert (f"error: training diverged: the loss was non-finite (nan) for 3 consecutive "
+            f"optimizer steps (9..11); the last good checkpoint is {good}") in proc.output
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [6, 7, 8, 9, 10]
+    assert [math.isfinite(r["loss"]) for r in rows] == [True, True, False, False, False]
+    steps = sorted(n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("step"))
+    assert steps == ["step4", "step6", "step8"]  # none of a NaN step (step10)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step8"

@@ -22,8 +22,7 @@ import pytest
 from dist_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", ".cache", "*.egg-info",
-                              "__pycache__", "*.pyc", ".pytest_cache")
+SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def run(cmd, **kwargs):
@@ -40,8 +39,16 @@ class Fresh:
 
     def __init__(self, base):
         self.base = base
-        self.src = os.path.join(base, "src")  # a copy: the build writes build/ and *.egg-info
-        shutil.copytree(ROOT, self.src, ignore=SKIP)
+        # a copy of what the build reads (top-level files, the package directories): the build
+        # writes build/ and *.egg-info, and a stale build/lib could hide a missing package
+        self.src = os.path.join(base, "src")
+        os.makedirs(self.src)
+        for name in os.listdir(ROOT):
+            path = os.path.join(ROOT, name)
+            if name in ("ntl_deepspeed", "patches"):
+                shutil.copytree(path, os.path.join(self.src, name), ignore=SKIP)
+            elif os.path.isfile(path) and not name.startswith("."):
+                shutil.copy(path, self.src)
         dist = os.path.join(base, "dist")
         run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
              "-w", dist, self.src])

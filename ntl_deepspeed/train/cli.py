@@ -1,6 +1,6 @@
 """``ntl-pretrain``: pretrain a causal LM with DeepSpeed ZeRO-3 and CE + lambda*NTL.
 
-    deepspeed --num_gpus 2 -m ntl_deepspeed.train.cli --deepspeed_config configs/zero3_cpu_tiny.json \
+    deepspeed --num_gpus 2 --module ntl_deepspeed.train.cli --deepspeed_config configs/zero3_cpu_tiny.json \
         --model configs/model/llama_tiny.json
 
 The ds_config's ``"ntl"`` section configures the number token loss (``NTLConfig``). Layouts:
