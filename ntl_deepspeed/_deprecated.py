@@ -21,15 +21,18 @@ def _deprecated(new: str):
     return decorate
 
 
-def _config(config: Optional[NTLConfig], check_finite: bool, overrides) -> NTLConfig:
-    return (config or NTLConfig()).replace(check_finite=check_finite, **overrides)
+def _config(config: Optional[NTLConfig], check_finite: Optional[bool], overrides) -> NTLConfig:
+    """``config`` with the arguments that were actually given."""
+    given = {k: v for k, v in dict(check_finite=check_finite, **overrides).items()
+             if v is not None}
+    return (config or NTLConfig()).replace(**given)
 
 
 @_deprecated("ce_ntl(labels, vocab.shard_for(width, tp_group, start), config, logits=...)")
 def vocab_parallel_ce_ntl(logits, labels, number_vocab: NumberVocab, tp_group=None,
                           config: Optional[NTLConfig] = None, *, vocab_start_index=None,
                           loss_weights=None, reduction: str = "mean", dp_group=None,
-                          check_finite: bool = False, **overrides) -> CENTLOutput:
+                          check_finite: Optional[bool] = None, **overrides) -> CENTLOutput:
     shard = number_vocab.shard_for(logits.shape[-1], tp_group, vocab_start_index, logits.device)
     return ce_ntl(labels, shard, _config(config, check_finite, overrides), logits=logits,
                   loss_weights=loss_weights, reduction=reduction, dp_group=dp_group)
@@ -40,11 +43,11 @@ def fused_linear_ce_ntl(hidden, weight, labels, number_vocab: NumberVocab, tp_gr
                         config: Optional[NTLConfig] = None, *, bias=None, vocab_start_index=None,
                         block_size: Optional[int] = None, token_chunk: Optional[int] = None,
                         loss_weights=None, reduction: str = "mean", dp_group=None,
-                        check_finite: bool = False, gemm_dtype=None,
+                        check_finite: Optional[bool] = None, gemm_dtype=None,
                         **overrides) -> CENTLOutput:
     shard = number_vocab.shard_for(weight.shape[0], tp_group, vocab_start_index, hidden.device)
-    config = _config(config, check_finite, overrides).replace(
-        fused_block_size=block_size, fused_token_chunk=token_chunk)
+    config = _config(config, check_finite, dict(overrides, fused_block_size=block_size,
+                                                fused_token_chunk=token_chunk))
     return ce_ntl(labels, shard, config, hidden=hidden, head_weight=weight, head_bias=bias,
                   loss_weights=loss_weights, reduction=reduction, dp_group=dp_group,
                   gemm_dtype=gemm_dtype)

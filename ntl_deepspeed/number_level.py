@@ -49,8 +49,7 @@ def assemble_numbers(digit_label: torch.Tensor, digit_pred: torch.Tensor, is_dig
     power = digits_after.clamp(0, max_number_length - 1)
 
     def place_values(per_digit: torch.Tensor) -> torch.Tensor:
-        scale = torch.pow(torch.tensor(10.0, dtype=per_digit.dtype, device=per_digit.device),
-                          power.to(per_digit.dtype))
+        scale = torch.pow(10.0, power.to(per_digit.dtype))  # no host-to-device copy
         contrib = torch.where(flat_digit, per_digit.reshape(-1) * scale, torch.zeros_like(scale))
         sums = torch.zeros(n_spans, dtype=per_digit.dtype, device=per_digit.device)
         sums = sums.index_add(0, span, contrib)

@@ -290,6 +290,8 @@ class NumberVocab:
         vocab. With one, the slice is ``[start, start + width)`` when ``start`` is given (DeepSpeed
         AutoTP's ``vocab_start_index``, Megatron's layer), else the even partition by rank
         (:func:`partition_bounds`). Cached per (width, group, start, device)."""
+        if start == 0 and group_size_rank(group)[0] == 1:
+            start = None  # the same shard either way: one cache entry
         key = (int(width), group, start, str(torch.device(device)))
         hit = self._shard_cache.get(key)
         if hit is None:
