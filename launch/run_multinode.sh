@@ -8,7 +8,7 @@
 #   MASTER_ADDR    address of node 0, reachable from every node (default: 127.0.0.1)
 #   MASTER_PORT    rendezvous port (default: 29513)
 #   DS_CONFIG      ds_config JSON with its "ntl" section (default: configs/zero3_cpu_tiny.json)
-#   MODEL_CONFIG   model config JSON, a LlamaConfig (default: configs/model/llama_tiny.json)
+#   MODEL_CONFIG   model config JSON, a transformers config with model_type, llama if absent (default: configs/model/llama_tiny.json)
 #   NTL_TORCH_SPEC, NTL_PYTHON: see launch/setup_env.sh (used when it installs)
 # Arguments go to the trainer (ntl_deepspeed.train.cli; --help lists them). Relative paths are
 # relative to the current directory. The command is checked first (ntl_deepspeed.train.preflight):

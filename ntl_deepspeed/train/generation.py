@@ -13,8 +13,9 @@ decodes a copy of the group's first row and drops it -- for a fixed number of ne
 early stop, so every rank makes the same calls). Under AutoTP the next token is the argmax over
 all vocab shards (one all-reduce of (value, id) per step). Ids past the tokenizer (vocab padding)
 are never chosen. The text up to the first EOS is the answer; its first integer is parsed.
-Rank 0 writes ``generation.json``: exact match, MAE (over parsed answers), the share of answers
-with a number, the same per operation, and every sample.
+Rank 0 writes ``generation.json``: exact match, MAE and median absolute error (an answer
+without a number counts as 0), the share of answers with a number, the same per operation, and
+every sample.
 """
 from __future__ import annotations
 
@@ -57,14 +58,15 @@ def _next_tokens(logits: torch.Tensor, tp_group, start: Optional[int], limit: in
 
 
 def summarize_answers(samples: List[Dict]) -> Dict[str, float]:
-    parsed = [s for s in samples if s["parsed"] is not None]
+    """Exact match; MAE and median |error| over all samples (an answer without a number counts
+    as 0); the share of answers holding a number."""
+    errors = [abs((s["parsed"] if s["parsed"] is not None else 0) - s["answer"]) for s in samples]
+    n = max(len(samples), 1)
     return {"n": len(samples),
-            "exact_match": sum(s["parsed"] == s["answer"] for s in samples) / max(len(samples), 1),
-            "mae": statistics.fmean(abs(s["parsed"] - s["answer"]) for s in parsed)
-            if parsed else float("nan"),
-            "median_abs_error": statistics.median(abs(s["parsed"] - s["answer"]) for s in parsed)
-            if parsed else float("nan"),
-            "parsed": len(parsed) / max(len(samples), 1)}
+            "exact_match": sum(s["parsed"] == s["answer"] for s in samples) / n,
+            "mae": statistics.fmean(errors) if errors else float("nan"),
+            "median_abs_error": statistics.median(errors) if errors else float("nan"),
+            "parsed": sum(s["parsed"] is not None for s in samples) / n}
 
 
 @torch.no_grad()

@@ -65,13 +65,20 @@ def launcher_chain() -> List[Tuple[int, int]]:
     chain = [(os.getpid(), parent)]
     if "deepspeed.launcher.launch" in _cmdline(parent):
         grand = _ppid_of(parent)
-        if grand and grand > 1 and "deepspeed" in _cmdline(grand):
+        if grand and "deepspeed" in _cmdline(grand):
             chain.append((parent, grand))
+        elif grand == 1:  # re-parented to init: the runner died before this worker looked
+            chain.append((parent, _GONE))
     return chain
+
+
+_GONE = -1
 
 
 def _lost(chain: List[Tuple[int, int]]) -> Optional[str]:
     for pid, parent in chain:
+        if parent == _GONE:
+            return f"the deepspeed runner above {pid} exited before this worker started"
         now = os.getppid() if pid == os.getpid() else _ppid_of(pid)
         if now != parent:
             return f"process {parent} (parent of {pid}) is gone"
