@@ -255,14 +255,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1")
-    ap.add_argument("--steps", type=int, default=240, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps per run")
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    ap.add_argument("--corpus-sentences", type=int, default=40000, help="embedded corpus size")
+    ap.add_argument("--corpus-sentences", type=int, default=60000, help="embedded corpus size")
     ap.add_argument("--eval-fraction", type=float, default=0.1,
                     help="share of arithmetic problems (and other sentences) held out")
-    ap.add_argument("--eval-every", type=int, default=60, help="held-out evaluation period")
+    ap.add_argument("--eval-every", type=int, default=100, help="held-out evaluation period")
     ap.add_argument("--eval-batches", type=int, default=8, help="eval micro-batches per rank")
     ap.add_argument("--generate", type=int, default=300, help="held-out prompts to answer")
     ap.add_argument("--model", default=os.path.join(ROOT, "configs", "model",

@@ -4,7 +4,7 @@
 #   DS_CONFIG=my_ds.json NPROC=4 bash launch/run_pretrain.sh --steps 50 --output-dir runs/x
 # Variables (all optional):
 #   DS_CONFIG      ds_config JSON with its "ntl" section (default: configs/zero3_cpu_tiny.json)
-#   MODEL_CONFIG   model config JSON, a LlamaConfig (default: configs/model/llama_tiny.json)
+#   MODEL_CONFIG   model config JSON, a transformers config with model_type, llama if absent (default: configs/model/llama_tiny.json)
 #   NPROC          ranks on this node, deepspeed --num_gpus (default: 2)
 #   MASTER_ADDR    rendezvous address (default: 127.0.0.1)
 #   MASTER_PORT    rendezvous port (default: 29512)

@@ -5,6 +5,7 @@ refuses a different setup unless --allow-config-change.
 
 Fast tests drive ntl_deepspeed.train.checkpoint with a stand-in engine that writes and reads its
 files through the real SafeCheckpointEngine; the launch tests run the real trainer on 2 ranks."""
+import datetime
 import json
 import math
 import multiprocessing
@@ -14,7 +15,9 @@ import signal
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from dist_utils import free_port
 from launch_utils import launch, losses_by_step, metrics
 from ntl_deepspeed.train import checkpoint
 from ntl_deepspeed.train.checkpoint import CheckpointError
@@ -26,14 +29,15 @@ class StandInEngine:
     """What checkpoint.save/resume use of a DeepSpeed engine: two 'ranks' x two files per save
     (like ZeRO-3's model and optimizer states), written through the safe checkpoint engine."""
 
-    def __init__(self):
+    def __init__(self, ranks=(0, 1)):
         self.checkpoint_engine = checkpoint.make_safe_engine(None)
+        self.ranks = ranks  # whose files this process writes
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False
         folder = os.path.join(save_dir, tag)
         os.makedirs(folder, exist_ok=True)
-        for rank in range(2):
+        for rank in self.ranks:
             for kind in ("model_states", "optim_states"):
                 state = {"w": torch.full((256,), float(client_state["step"])), "rank": rank,
                          **client_state}
@@ -53,8 +57,8 @@ class StandInEngine:
         return folder, {"step": states[0]["step"]}
 
 
-def save_steps(ckpt, steps, keep=2, config=CONFIG):
-    engine = StandInEngine()
+def save_steps(ckpt, steps, keep=2, config=CONFIG, ranks=(0, 1)):
+    engine = StandInEngine(ranks)
     for step in steps:
         checkpoint.save(engine, str(ckpt), step, {"step": step}, config, keep=keep,
                         log=lambda m: None)
@@ -107,6 +111,42 @@ def test_killed_at_every_point_of_a_save_resumes_from_a_complete_checkpoint(tmp_
             save_steps(ckpt, (want + 1,))
             assert sorted(n for n in os.listdir(ckpt) if n.startswith(".")) == []
             assert (ckpt / "latest").read_text() == f"step{want + 1}"
+
+
+def _rank_saves_until_killed(rank, port, ckpt, fault):
+    try:
+        os.environ[checkpoint.FAULT_ENV] = fault
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2, timeout=datetime.timedelta(seconds=20))
+        save_steps(ckpt, (2, 4, 6), ranks=(rank,))  # each rank writes its own two files
+        dist.barrier()
+    except BaseException:  # noqa: BLE001 - the survivor of a killed peer lands here
+        os._exit(1)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("rank,points", [
+    (1, ["file1", "file1.mid", "file2.mid", "file2.done", "saved"]),
+    (0, ["file2.mid", "saved", "manifest", "renamed", "latest"]),
+])
+def test_either_of_two_ranks_killed_during_a_save(tmp_path, rank, points):
+    """Two real processes (gloo), each writing its own files: whichever dies, wherever, the
+    survivor fails (no commit without every rank's files) and resume finds a complete one."""
+    ctx = multiprocessing.get_context("fork")
+    for point in points:
+        ckpt = str(tmp_path / point)
+        port = free_port()
+        procs = [ctx.Process(target=_rank_saves_until_killed,
+                             args=(r, port, ckpt, f"{rank}:2:{point}")) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert procs[rank].exitcode == -signal.SIGKILL, (point, procs[rank].exitcode)
+        assert procs[1 - rank].exitcode == 1, (point, procs[1 - rank].exitcode)
+        want = expected_resume(2, point) if rank == 0 else 2
+        assert resume(ckpt)[0] == want, point
 
 
 def test_keep_checkpoints_deletes_older_complete_ones(tmp_path):

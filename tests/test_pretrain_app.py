@@ -221,8 +221,9 @@ def test_architectures_train_under_zero3(tmp_path, arch):
     model = os.path.join(MODELS, f"{arch}_tiny.json")
     extra = ["--seq-len", "32"]
     config = TINY
-    if arch == "mistral":  # the fused head on another architecture
+    if arch == "mistral":  # the fused head on another architecture; eval gets real logits
         config = variant(tmp_path, TINY, "fused", {"fused_head": True})
+        extra += ["--eval-fraction", "0.1", "--eval-batches", "1"]
     if arch == "gpt2":  # tied embeddings; eval + generation + every output in --output-dir
         config = variant(tmp_path, TINY, "csv", csv_monitor={
             "enabled": True, "output_path": "runs/should_not_be_used", "job_name": "gpt2"})
@@ -237,6 +238,9 @@ def test_architectures_train_under_zero3(tmp_path, arch):
         assert all(v == v and abs(v) < 1e9 for v in r.values())
     with open(tmp_path / "out" / "run_info.json") as f:
         assert json.load(f)["parameters"] > 0
+    if arch == "mistral":
+        (evals,) = rows(tmp_path / "out", "eval")
+        assert evals["ce"] > 0 and evals["ntl"] > 0 and evals["tokens"] == 2 * 8 * 32
     if arch != "gpt2":
         return
     (evals,) = rows(tmp_path / "out", "eval")

@@ -3,8 +3,11 @@
 Each tensor-parallel rank reduces its vocab slice to a few numbers per token (log-sum-exp of all
 its logits, its number-token logits, the label's logit where it holds it). :func:`combine`
 merges them with exactly two all-reduces over the shard's group -- one MAX (maxima and a
-per-rank header that checks the shards fit together), one SUM (CE's and NTL's statistics
-travel together) -- and returns the per-token results. :func:`gradient_terms` turns the saved
+per-rank header that checks the shards fit together and that every rank has the same token
+count, loss options, number vocabulary and labels), one SUM (CE's and NTL's statistics travel
+together) -- and returns the per-token results. With ``check_inputs`` / ``check_finite`` the
+fixed-size header is all-reduced alone first (three collectives): ranks with different token
+counts then get a clear error instead of collectives of different sizes. :func:`gradient_terms` turns the saved
 statistics into the pieces of d loss / d logits; backward communicates nothing.
 """
 from __future__ import annotations

@@ -522,6 +522,11 @@ def resume(engine, ckpt_dir: str, config: Dict[str, Any], allow_change: bool = F
     client_state)``. Raises :class:`CheckpointError` (on every rank) when there is no complete
     checkpoint, or when its setup differs from ``config`` and ``allow_change`` is False."""
     ce = safe_engine(engine)
+    universal = getattr(engine, "load_universal_checkpoint", None)
+    if callable(universal) and universal():
+        raise CheckpointError("--resume: DeepSpeed loads universal checkpoints with its own "
+                              "torch.load(weights_only=False), bypassing the verified loader: "
+                              "remove checkpoint.load_universal from the ds_config")
     decision = None
     if _rank() == 0:
         try:
