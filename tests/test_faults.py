@@ -1,7 +1,6 @@
 """Faults that must end a run loudly, or never start it: inconsistent tensor-parallel ranks, a
 stalled rank, a killed launcher, values fp16/fp32 cannot hold, and bad inputs (each a clear
 error). Checkpoint faults: test_checkpoints.py."""
-import os
 import random
 import signal
 import time

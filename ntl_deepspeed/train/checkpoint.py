@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -174,9 +175,11 @@ def make_safe_engine(config_params=None, faults: Optional[Faults] = None):
             try:
                 with torch.serialization.safe_globals(safe_globals()):
                     return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...
+            except pickle.UnpicklingError as e:
                 raise CheckpointError(f"{path}: refused to load: {first_line(e)} (only tensors "
                                       "and plain data are accepted: weights_only=True)") from None
+            except (RuntimeError, ValueError, EOFError) as e:  # e.g. not a torch file
+                raise CheckpointError(f"{path}: could not be loaded: {first_line(e)}") from None
 
     return SafeCheckpointEngine(config_params)
 
@@ -213,7 +216,7 @@ def read_manifest(folder: str) -> Dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"unreadable manifest.json ({e})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict) or not all(
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT or not all(
             isinstance(v, dict) and isinstance(v.get("size"), int)
             and isinstance(v.get("sha256"), str) for v in files.values()):
         raise CheckpointError("manifest.json is not a checkpoint manifest of this trainer")
