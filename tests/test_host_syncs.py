@@ -210,10 +210,6 @@ def test_first_call_reads_only_the_vocab_host_tables():
     assert vocab.number_values.device.type == "cpu"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package: ops/statistics.py _header stores Python numbers into single elements of a device "
-    "tensor (row[_START] = shard.start, ...): on CUDA each is a blocking cudaMemcpy + stream "
-    "sync; number_level.py place_values builds torch.tensor(10.0, device=...) twice per call"))
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 @pytest.mark.parametrize("kind", ["was", "number_level"])
 def test_no_blocking_host_to_device_copy(case, kind, path):

@@ -174,6 +174,11 @@ def combine(lse_local: torch.Tensor, zn: torch.Tensor, target: torch.Tensor, row
         _check_header(maxed[3 * n:].view(shard.group_size, _HEADER_SLOTS), shard, spec)
     big_lse, big_nlse, nmax = maxed[:n], maxed[n:2 * n], maxed[2 * n:3 * n]
 
+    if zn.shape[1]:  # a number label's logit from its zn column: the values the max is taken
+        # over (the fused head computes target and zn by different products, an ulp apart)
+        label_number = shard.column_to_number[rows.target_local]
+        from_zn = zn.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
+        target = torch.where(rows.in_shard & (label_number >= 0), from_zn, target)
     e = torch.exp(zn - big_nlse.unsqueeze(1))  # [T, N_local]
     # (e * v).sum, not e @ v: DeepSpeed's flops profiler over-counts matrix-vector products
     summed = torch.stack([
@@ -247,12 +252,13 @@ def _header(shard: VocabShard, nonfinite: Optional[torch.Tensor], tokens: int,
     """This rank's row of the header (other rows -1, so the MAX all-reduce assembles it)."""
     header = torch.full((shard.group_size, _HEADER_SLOTS), -1.0, device=device)
     row = header[shard.rank]
-    row[_START], row[_END] = shard.start, shard.end
-    row[_NONFINITE] = 0.0 if nonfinite is None else nonfinite.clamp(max=_FP32_EXACT)
-    row[_SHARD_ERROR] = 0.0 if shard.fits else 1.0
-    row[_TOKENS] = min(tokens, _FP32_EXACT)
-    row[_OPTIONS] = options_fp
-    row[_LABELS] = 0.0 if labels_fp is None else labels_fp
+    # fill_ / copy_ are device kernels; `row[i] = number` would be a blocking host-to-device copy
+    for slot, value in ((_START, shard.start), (_END, shard.end),
+                        (_SHARD_ERROR, 0.0 if shard.fits else 1.0),
+                        (_TOKENS, min(tokens, _FP32_EXACT)), (_OPTIONS, options_fp)):
+        row[slot].fill_(value)
+    for slot, value in ((_NONFINITE, nonfinite), (_LABELS, labels_fp)):
+        row[slot].fill_(0.0) if value is None else row[slot].copy_(value.clamp(max=_FP32_EXACT))
     return header
 
 
