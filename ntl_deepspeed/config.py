@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import typing
 from dataclasses import dataclass, fields
@@ -108,6 +109,26 @@ class NTLConfig:
     def active_weight(self) -> float:
         """lambda, or 0 when NTL is disabled."""
         return self.weight if self.enabled else 0.0
+
+
+def read_json_object(path: str, what: str) -> Dict[str, Any]:
+    """The JSON object in ``path``; errors (ValueError) name ``what`` (``--model x.json``) and why."""
+    import os
+
+    if not os.path.exists(path):
+        raise ValueError(f"{what}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: is a directory, expected a JSON file")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: cannot be read ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def as_config(config) -> "NTLConfig":

@@ -9,14 +9,13 @@ vocab-parallel head (its TP group and ``vocab_start_index``).
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..config import NTLConfig, as_config
+from ..config import NTLConfig, as_config, read_json_object
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
 from .flops import book_into_root
@@ -30,11 +29,7 @@ def split_config(ds_config: Union[Dict[str, Any], str], source: Optional[str] = 
     a dict or a JSON path; errors name the file and the key. No section: NTL disabled."""
     if isinstance(ds_config, str):
         source = source or ds_config
-        try:
-            with open(ds_config) as f:
-                ds_config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: not valid JSON ({e})") from None
+        ds_config = read_json_object(ds_config, source)
     if not isinstance(ds_config, dict):
         raise ValueError(f"{source or 'the DeepSpeed config'}: expected a JSON object")
     raw = ds_config.get("ntl")

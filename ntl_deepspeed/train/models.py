@@ -7,8 +7,9 @@ special-token ids the config holds that fall outside that vocab (GPT-2's 50256) 
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Dict
+
+from ..config import read_json_object
 
 DEFAULT_MODEL_TYPE = "llama"
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -16,15 +17,7 @@ SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def read_model_config(path: str) -> Dict[str, Any]:
     """The JSON object of ``path`` (errors name the file)."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model {path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"--model {path}: expected a JSON object (a transformers config), got "
-                         f"{type(raw).__name__}")
-    return raw
+    return read_json_object(path, f"--model {path}")
 
 
 def check_model_type(model_type: Any, path: str) -> str:

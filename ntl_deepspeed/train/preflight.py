@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 from typing import Optional, Sequence
+
+from ..config import read_json_object
 
 
 class PreflightError(Exception):
@@ -40,18 +41,11 @@ def _parse(argv: Optional[Sequence[str]]):
         raise PreflightError(last.split("error: ", 1)[-1]) from None
 
 
-def _read_json(path: str, what: str):
-    if not os.path.exists(path):
-        raise PreflightError(f"{what} {path}: no such file")
-    if os.path.isdir(path):
-        raise PreflightError(f"{what} {path}: is a directory, expected a JSON file")
+def _read_json(path: str, what: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise PreflightError(f"{what} {path}: not valid JSON ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PreflightError(f"{what} {path}: cannot be read ({e})") from None
+        return read_json_object(path, f"{what} {path}")
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_deepspeed_config(path: str, ntl_weight: Optional[float] = None) -> None:
@@ -80,9 +74,6 @@ def check_deepspeed_config(path: str, ntl_weight: Optional[float] = None) -> Non
 
 def check_model_config(path: str) -> None:
     config = _read_json(path, "--model")
-    if not isinstance(config, dict):
-        raise PreflightError(f"--model {path}: expected a JSON object (a transformers "
-                             f"LlamaConfig), got {type(config).__name__}")
     if "model_type" in config:  # default: llama
         from .models import check_model_type
 
