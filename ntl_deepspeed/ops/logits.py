@@ -69,16 +69,15 @@ def _torch_row_statistics(z: torch.Tensor, target_local: torch.Tensor, in_shard:
 def _torch_write_gradient(z: torch.Tensor, shift: torch.Tensor, negative: torch.Tensor,
                           out: torch.Tensor) -> None:
     """``out = +-exp(z - shift)`` row by row, fp32 math, one rounding into ``out``'s dtype."""
-    sign = torch.where(negative, -1.0, 1.0)
+    sign = torch.where(negative, -1.0, 1.0).to(out.dtype).unsqueeze(1)  # exact in any dtype
     buf = None if z.dtype == torch.float32 else _scratch(z)
     for r0, r1 in _row_chunks(z.shape[0], z.shape[1]):
         o = out[r0:r1]
         if buf is None:  # fp32: compute in the gradient itself
             torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=o).exp_()
-            o.mul_(sign[r0:r1].unsqueeze(1))  # while the chunk is in cache
         else:  # fp32 in a cached scratch chunk, rounded once into the gradient's dtype
-            b = torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=buf[: r1 - r0]).exp_()
-            torch.mul(b, sign[r0:r1].unsqueeze(1), out=o)
+            torch.exp(torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=buf[: r1 - r0]), out=o)
+        o.mul_(sign[r0:r1])  # while the chunk is in cache; no host read of the signs
 
 
 def _backend_passes(backend: str):
@@ -134,10 +133,10 @@ class LogitsCENTL(torch.autograd.Function):
             terms.number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
             if shard.number_ids.numel() else torch.zeros_like(q_label),
             q_label * terms.full_coef) - terms.g_ce
-        column = rows.target_local.unsqueeze(1)
-        kept = grad.gather(1, column).squeeze(1)  # rows whose label is elsewhere keep column 0
-        grad.scatter_(1, column, torch.where(rows.in_shard, label_grad.to(grad.dtype),
-                                             kept).unsqueeze(1))
+        every_row = torch.arange(z.shape[0], device=z.device)
+        kept = grad[every_row, rows.target_local]  # rows whose label is elsewhere keep column 0
+        grad.index_put_((every_row, rows.target_local),
+                        torch.where(rows.in_shard, label_grad.to(grad.dtype), kept))
         return grad, None, None, None, None
 
 
