@@ -18,25 +18,21 @@ from ..device import configure
 
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+def _checked(convert, ok, what: str):
+    """An argparse ``type``: ``convert(text)``, refused unless ``ok(value)`` (``what`` says why)."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names it in "invalid int value"
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+_fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+_non_negative = _checked(int, lambda v: v >= 0, ">= 0")
+_positive = _checked(int, lambda v: v > 0, "> 0")
 
 
 def _seconds(text: str) -> float:

@@ -10,8 +10,6 @@ one all-reduce over the DP group per evaluation (:class:`EvalMetrics`).
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Dict, List, Optional
 
@@ -139,15 +137,7 @@ class Evaluator:
         return row
 
     def log(self, row: Dict[str, float]) -> None:
-        t = self.trainer
-        step = row["step"] + 1
-        if t.engine.monitor.enabled:
-            t.engine.monitor.write_events([(f"Eval/ntl/{k}", v, step) for k, v in row.items()
-                                           if k not in ("step", "split")])
-        if dist.get_rank() == 0:
-            os.makedirs(t.args.output_dir, exist_ok=True)
-            with open(t.metrics_path(), "a") as f:
-                f.write(json.dumps(row) + "\n")
+        self.trainer.log(row, tag="Eval")
 
 
 def eval_line(row: Dict[str, float]) -> str:

@@ -235,11 +235,12 @@ class Trainer:
             with open(os.path.join(self.args.output_dir, "run_info.json"), "w") as f:
                 json.dump(info, f, indent=2)
 
-    def log(self, row: Dict[str, float]) -> None:
+    def log(self, row: Dict[str, float], tag: str = "Train") -> None:
+        """A metrics row to DeepSpeed's monitor (``{tag}/ntl/...``) and metrics.jsonl."""
         step = row["step"] + 1
         if self.engine.monitor.enabled:
-            self.engine.monitor.write_events([(f"Train/ntl/{k}", v, step) for k, v in row.items()
-                                              if k != "step"])
+            self.engine.monitor.write_events([(f"{tag}/ntl/{k}", v, step) for k, v in row.items()
+                                              if k not in ("step", "split")])
         if dist.get_rank() == 0:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(self.metrics_path(), "a") as f:
