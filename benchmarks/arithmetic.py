@@ -27,6 +27,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._stats import t_interval  # noqa: E402
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl  # noqa: E402
 
 CHARS = ["<pad>", "<bos>"] + [str(d) for d in range(10)] + ["*", "="]
@@ -34,8 +35,6 @@ STOI = {c: i for i, c in enumerate(CHARS)}
 PROMPT, ANSWER = 6, 4  # "ab*cd=" and "efgh"
 LOSSES = {"ce": NTLConfig(enabled=False), "ce+ntl_mse": NTLConfig(kind="mse", weight=0.3),
           "ce+ntl_was": NTLConfig(kind="was", weight=0.3)}
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
 
 
 def split_problems(n_test: int, seed: int = 12345):
@@ -127,15 +126,6 @@ def train_one(job):
     return {"loss": loss_name, "seed": seed, "steps": steps, **final, "curve": curve,
             "median_step_s": statistics.median(step_times),
             "median_loss_fn_s": statistics.median(loss_times)}
-
-
-def t_interval(diffs):
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = T_95.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def summarize(runs, seeds):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -35,11 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks._launch import run_pretrain  # noqa: E402
+from benchmarks._stats import mean_sd, t_interval  # noqa: E402
 
 LOSSES = {"ce": {"kind": "was", "weight": 0.0}, "ce+ntl_was": {"kind": "was", "weight": 0.3},
           "ce+ntl_mse": {"kind": "mse", "weight": 0.3}}
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
 # (key, label, lower is better)
 EVAL_METRICS = [("ce_non_number", "CE non-number tokens", True),
                 ("ce_number", "CE number tokens", True),
@@ -111,29 +109,6 @@ def one_run(loss: str, seed: int, args) -> dict:
     with open(done, "w") as f:
         json.dump(result, f, indent=1)
     return result
-
-
-def _finite(values):
-    return [v for v in values if v == v and abs(v) != float("inf")]
-
-
-def mean_sd(values):
-    values = _finite(values)
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def t_interval(diffs):
-    diffs = _finite(diffs)
-    n = len(diffs)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = T_95.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def summarize(runs, seeds):
