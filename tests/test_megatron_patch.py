@@ -87,17 +87,19 @@ def megatron_methods():
 @contextlib.contextmanager
 def recorded_ce_ntl(patch):
     """Yields a list that receives 'logits' or 'hidden' for every ce_ntl call of the patch."""
-    real, calls = patch.ce_ntl, []
+    from ntl_deepspeed.patches import megatron_heads as heads
+
+    real, calls = heads.ce_ntl, []
 
     def recording(*a, **k):
         calls.append("hidden" if k.get("hidden") is not None else "logits")
         return real(*a, **k)
 
-    patch.ce_ntl = recording
+    heads.ce_ntl = recording
     try:
         yield calls
     finally:
-        patch.ce_ntl = real
+        heads.ce_ntl = real
 
 
 def worker(rank, world, kind, share, sp):
@@ -187,6 +189,7 @@ def worker_mtp(rank, world):
     """With Multi-Token Prediction the main head must still get CE + NTL (MTP heads: CE, or
     CE + NTL with include_mtp), with and without the fused head, gradients included."""
     from megatron.core import parallel_state
+    from megatron.core.transformer import multi_token_prediction as mtp_module
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     import ntl_deepspeed.patches.megatron_core as patch
@@ -206,6 +209,9 @@ def worker_mtp(rank, world):
                                  reduction="none").view(labels.shape)
         mtp_ntl = ntl_loss(mtp_logits, mtp_labels, vocab, "was", reduction="none")
         tracker = MTPLossLoggingHelper.tracker
+        key = "loss_values" if "loss_values" in tracker else "values"  # renamed in 0.19
+        # 0.17+: MTP heads run inside process_mtp_loss and keep real logits under the fused head
+        mtp_logits_shape = (12, 2, VOCAB) if hasattr(mtp_module, "process_mtp_loss") else (0,)
         for include_mtp in (False, True):
             mtp_ref = ((mtp_ce + 0.3 * mtp_ntl * include_mtp) * mtp_mask).sum() / mtp_mask.sum()
             for fused in (False, True):  # fused: the main head only, MTP heads get logits
@@ -215,15 +221,16 @@ def worker_mtp(rank, world):
                 outputs = []
                 model.output_layer.register_forward_hook(
                     lambda m, i, o: outputs.append(o[0].shape))
-                tracker["values"].zero_()
+                tracker[key].zero_()
                 with recorded_ce_ntl(patch) as calls:
                     loss = model(ids, pos, causal, labels=labels)
                 main = ["hidden" if fused else "logits"]
                 assert calls == (["logits"] if include_mtp else []) + main, calls
                 torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(tracker["values"][0], mtp_ref, rtol=1e-5, atol=1e-6)
-                # fused: every output-layer call returns an empty stand-in (no logits)
-                assert outputs == ([(0,)] * 2 if fused else [(12, 2, VOCAB)] * 2), outputs
+                torch.testing.assert_close(tracker[key][0], mtp_ref, rtol=1e-5, atol=1e-6)
+                # fused: the main head's output-layer call returns an empty stand-in (no logits)
+                assert outputs == ([mtp_logits_shape, (0,)] if fused else [(12, 2, VOCAB)] * 2), \
+                    outputs
                 if not include_mtp:  # the reference's MTP loss is CE: gradients match
                     loss.sum().backward()
                     assert_grads(model, ref_grads)
