@@ -230,8 +230,10 @@ class MegatronNTL:
             logits = pending.logits()  # an inline (0.16) MTP head's: its logits after all
         elif main and scope is not None and scope.fused:
             raise RuntimeError("ntl fused_head: the main head's compute_language_model_loss "
-                               "received materialised logits instead of the fused head's "
-                               f"stand-in (megatron-core {compat.installed_version()}; "
+                               "received other logits than the fused head's stand-in (something "
+                               "computed or transformed the output layer's result: a forward "
+                               "hook, a logit transformation; megatron-core "
+                               f"{compat.installed_version()}; "
                                f"supported: {SUPPORTED}); refusing to fall back silently -- "
                                "run without fused_head")
         if settings is None or not settings.config.enabled or \
