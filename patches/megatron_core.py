@@ -32,7 +32,6 @@ In a Megatron-LM ``pretrain_gpt.py`` / ``pretrain_hybrid.py``::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import warnings
 from typing import Callable, List, Optional, Tuple
 

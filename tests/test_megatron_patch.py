@@ -1,4 +1,6 @@
-"""The Megatron-core patch on a real TP=2 GPTModel (megatron-core 0.16.1, CPU, gloo)."""
+"""The Megatron-core patch on a real TP=2 GPTModel (megatron-core 0.16 to 0.19, CPU, gloo):
+sequence parallelism, shared weights, MTP at TP=1, stacking, flags. HybridModel, MTP at TP=2, MuP
+and the output_processor hook: tests/test_megatron_models.py."""
 import contextlib
 import functools
 
@@ -9,17 +11,8 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
 
-VOCAB = 64
-TOKENS = ["<unk>", "<s>", "</s>", "."] + [str(d) for d in range(10)] + \
-         [f"w{i}" for i in range(VOCAB - 14)]
-
-
-def cpu_shims():
-    """Test-only: megatron-core's GPTModel asks CUDA for a device and an RNG tracker."""
-    torch.cuda.current_device = lambda: "cpu"
-    from megatron.core.tensor_parallel import random as mrandom
-
-    mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+from megatron_models import TOKENS, VOCAB, batch, cpu_shims, grads
+from megatron_models import build_gpt as build_model
 
 
 def torch_norm_with_sequence_parallel():
@@ -31,40 +24,6 @@ def torch_norm_with_sequence_parallel():
 
     torch_norm.WrappedTorchNorm.__new__ = \
         lambda cls, config, hidden_size, eps=1e-5, **kw: torch.nn.LayerNorm(hidden_size, eps=eps)
-
-
-def build_model(seed=0, mtp_layers=None, share=False, sequence_parallel=False):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
-                                                          get_gpt_mtp_block_spec)
-    from megatron.core.transformer import TransformerConfig
-
-    torch.manual_seed(seed)
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
-                            use_cpu_initialization=True, perform_initialization=True,
-                            params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-                            mtp_num_layers=mtp_layers, sequence_parallel=sequence_parallel,
-                            tensor_model_parallel_size=torch.distributed.get_world_size())
-    spec = get_gpt_layer_local_spec()
-    mtp = None if mtp_layers is None else get_gpt_mtp_block_spec(cfg, spec, False)
-    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
-                    max_sequence_length=16, parallel_output=True, mtp_block_spec=mtp,
-                    share_embeddings_and_output_weights=share)
-
-
-def batch(seed=1, b=2, s=12):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, s), generator=g)
-    labels = torch.randint(0, VOCAB, (b, s), generator=g)
-    digits = torch.rand(b, s, generator=g) < 0.5
-    labels[digits] = torch.randint(4, 14, (int(digits.sum()),), generator=g)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1).view(1, 1, s, s)
-    return ids, pos, causal, labels
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_grads(model, ref_grads):
