@@ -247,3 +247,109 @@ def worker(rank, world):
 
 def test_models_tp2_equal_reference():
     run_distributed(worker, 2, timeout=600)
+
+
+def cpu_pipeline_shims():
+    """Test-only: megatron-core's pipeline schedules allocate their token counter with
+    ``device="cuda"`` (``pipeline_parallel/schedules.py``: ``torch.zeros([], dtype=torch.int,
+    device="cuda")``); on CPU that counter is made on the CPU. Nothing else of the schedule is
+    changed."""
+    from megatron.core.pipeline_parallel import schedules
+
+    class TorchOnCPU:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*args, device=None, **kwargs):
+            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    schedules.torch = TorchOnCPU()
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+def pipeline_stage(rank):
+    """Stage ``rank`` of a 2-layer GPTModel split over 2 pipeline stages (same seed: the same
+    weights in every run)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    torch.manual_seed(rank)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                            use_cpu_initialization=True, params_dtype=torch.float32,
+                            pipeline_dtype=torch.float32, hidden_dropout=0.0,
+                            attention_dropout=0.0, pipeline_model_parallel_size=2)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
+                    vocab_size=mm.VOCAB, max_sequence_length=16, pre_process=rank == 0,
+                    post_process=rank == 1, share_embeddings_and_output_weights=False)
+
+
+def run_pipeline(rank, per_token_loss):
+    """Megatron's 1F1B schedule over 2 microbatches of one sequence; ``per_token_loss(output,
+    labels)`` -> [b, s] on the last stage. Returns (the stage's model, its reduced losses)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model = pipeline_stage(rank)
+    ids, pos, causal, labels = mm.batch()
+    micro = [(ids[i:i + 1], pos[i:i + 1], causal, labels[i:i + 1]) for i in range(2)]
+
+    def forward_step(data, model):
+        i, p, c, l = next(data)
+        output = model(i, p, c, labels=l if per_token_loss is None else None)
+
+        def loss_func(output_tensor):
+            loss = (output_tensor if per_token_loss is None else
+                    per_token_loss(output_tensor, l)).float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+        num_microbatches=2, seq_length=12, micro_batch_size=1, forward_only=False)
+    return model, [d["loss"] for d in losses]
+
+
+def worker_pipeline(rank, world):
+    """The patch on a 2-stage pipeline: the first stage is untouched (no loss call, no op),
+    the last computes CE + NTL; losses and every parameter gradient of both stages equal the
+    unpatched pipeline whose last stage returns logits and computes F.cross_entropy +
+    0.3 * ntl_loss on them."""
+    from megatron.core import parallel_state
+
+    import ntl_deepspeed.patches.megatron_core as patch
+
+    mm.cpu_shims()
+    cpu_pipeline_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1,
+                                             pipeline_model_parallel_size=2)
+    vocab = NumberVocab.from_tokens(mm.TOKENS)
+
+    def reference_loss(logits, labels):  # [b, s, V], full vocab (TP = 1)
+        ce = F.cross_entropy(logits.reshape(-1, mm.VOCAB), labels.reshape(-1), reduction="none")
+        return ce.view(labels.shape) + WEIGHT * ntl_loss(logits, labels, vocab, "was",
+                                                         reduction="none")
+
+    try:
+        ref_model, ref_losses = run_pipeline(rank, reference_loss)
+        ref_grads = mm.grads(ref_model)
+        for fused in (False, True):
+            patch.apply(vocab, NTLConfig(weight=WEIGHT, fused_head=fused, fused_block_size=5))
+            with recorded_ce_ntl() as calls:
+                model, losses = run_pipeline(rank, None)  # with labels: the per-token loss
+            expected = ["hidden" if fused else "logits"] * 2 if rank == 1 else []
+            assert calls == expected, (rank, calls)
+            grad_err = mm.grad_error(model, ref_grads)
+            loss_err = max([float((a - b).abs()) for a, b in zip(losses, ref_losses)] or [0.0])
+            assert len(losses) == len(ref_losses) == (2 if rank == 1 else 0)
+            assert grad_err < TOL and loss_err < TOL, (rank, fused, grad_err, loss_err)
+            print(f"ERR {mm.version()} pipeline stage {rank} fused={fused}: loss={loss_err:.1e} "
+                  f"grad={grad_err:.1e} (losses {[round(float(v), 4) for v in losses]})", flush=True)
+    finally:
+        patch.remove()
+        parallel_state.destroy_model_parallel()
+
+
+def test_pipeline_two_stages_equal_reference():
+    run_distributed(worker_pipeline, 2, timeout=300)
