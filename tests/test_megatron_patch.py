@@ -309,19 +309,47 @@ def test_stacks_with_other_wrappers_in_either_order():
 
 
 def test_missing_symbol_is_named(monkeypatch):
+    """A missing symbol or a changed signature: an error naming it and the installed version;
+    nothing is patched."""
+    import megatron_models as mm
+
     import ntl_deepspeed.patches.megatron_core as patch
     from megatron.core.models.common.language_module import language_module
     from megatron.core.models.gpt import gpt_model
+    from megatron.core.transformer import multi_token_prediction
 
+    installed = f"installed: megatron-core {mm.version()}"
     originals = megatron_methods()
     with monkeypatch.context() as m:
         m.delattr(language_module.LanguageModule, "compute_language_model_loss")
-        with pytest.raises(AttributeError, match="LanguageModule.compute_language_model_loss"):
+        with pytest.raises(AttributeError, match=r"LanguageModule\.compute_language_model_loss"
+                           rf".*{installed}"):
             patch.apply(NumberVocab.from_tokens(TOKENS))
     with monkeypatch.context() as m:
         m.delattr(gpt_model.GPTModel, "_postprocess")
         with pytest.raises(AttributeError, match=r"gpt_model\.GPTModel\._postprocess"):
             patch.apply(NumberVocab.from_tokens(TOKENS))
+    with monkeypatch.context() as m:  # a future signature without 'labels'
+        m.setattr(gpt_model.GPTModel, "_postprocess", lambda self, hidden_states, **kw: None)
+        with pytest.raises(TypeError, match=rf"_postprocess has no parameter 'labels'.*{installed}"):
+            patch.apply(NumberVocab.from_tokens(TOKENS))
+    with monkeypatch.context() as m:
+        m.setattr(language_module.LanguageModule, "compute_language_model_loss",
+                  lambda self, logits, labels: None)
+        with pytest.raises(TypeError, match=r"takes \['self', 'logits', 'labels'\]"):
+            patch.apply(NumberVocab.from_tokens(TOKENS))
+    if mm.has_hybrid():
+        from megatron.core.models.hybrid import hybrid_model
+
+        with monkeypatch.context() as m:
+            m.setattr(hybrid_model.HybridModel, "forward", lambda self, input_ids, **kw: None)
+            with pytest.raises(TypeError, match=r"HybridModel\.forward has no parameter 'labels'"):
+                patch.apply(NumberVocab.from_tokens(TOKENS))
+    if hasattr(multi_token_prediction, "process_mtp_loss"):  # 0.17+
+        with monkeypatch.context() as m:  # the model module stopped calling it by that name
+            m.delattr(gpt_model, "process_mtp_loss")
+            with pytest.raises(AttributeError, match=r"gpt_model\.process_mtp_loss"):
+                patch.apply(NumberVocab.from_tokens(TOKENS))
     assert megatron_methods() == originals and not patch.is_applied()
 
 
