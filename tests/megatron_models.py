@@ -58,7 +58,9 @@ def cpu_shims():
 def config(mtp_layers=None, mup=False, sequence_parallel=False, num_layers=1):
     from megatron.core.transformer import TransformerConfig
 
-    extra = {"use_mup": True, "mup_width_mult": 2.0} if mup else {}  # output multiplier 0.5
+    # MuP with an explicit output multiplier (default: 1 / width_mult) large enough that a
+    # dropped or doubled scale fails the tests (the tiny model's logits are small)
+    extra = {"use_mup": True, "mup_width_mult": 2.0, "mup_output_mult": 6.0} if mup else {}
     return TransformerConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4,
                              use_cpu_initialization=True, perform_initialization=True,
                              params_dtype=torch.float32, hidden_dropout=0.0,
@@ -119,10 +121,12 @@ def grads(model):
 
 
 def grad_error(model, ref_grads) -> float:
-    """Largest absolute gradient difference over every parameter (same parameter set
-    asserted)."""
+    """Every parameter's gradient equals the reference's (same parameter set; rtol 1e-4, atol
+    1e-5, asserted); returns the largest absolute difference."""
     got = grads(model)
     assert got.keys() == ref_grads.keys(), sorted(set(got) ^ set(ref_grads))
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=name)
     return max(float((got[n] - g).abs().max()) for n, g in ref_grads.items())
 
 
