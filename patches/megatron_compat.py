@@ -17,6 +17,7 @@ LOSS = "megatron.core.models.common.language_module.language_module.LanguageModu
        ".compute_language_model_loss"
 GPT_POSTPROCESS = "megatron.core.models.gpt.gpt_model.GPTModel._postprocess"
 HYBRID_FORWARD = "megatron.core.models.hybrid.hybrid_model.HybridModel.forward"
+MAMBA_FORWARD = "megatron.core.models.mamba.mamba_model.MambaModel.forward"
 MTP_LOSS = "megatron.core.transformer.multi_token_prediction.process_mtp_loss"
 
 
@@ -59,7 +60,9 @@ class Megatron:
 
     ``scopes``: (class, method name, dotted name) of each model's post-processing -- the method
     whose run contains the output layer and every loss call of one forward: ``GPTModel._postprocess``
-    always, ``HybridModel.forward`` where HybridModel exists (0.19: its post-processing is inline).
+    always; ``HybridModel.forward`` where HybridModel exists (0.18+, post-processing inline);
+    ``MambaModel.forward`` where MambaModel defines its own (0.16, 0.17: inline, with MTP in
+    0.17; from 0.18 it is a HybridModel subclass).
     ``mtp_modules``: the model modules whose global ``process_mtp_loss`` (0.17+) runs the MTP
     heads; empty where MTP is inline in ``_postprocess`` (0.16)."""
 
@@ -93,18 +96,21 @@ def detect() -> Megatron:
     require_parameters(gpt._postprocess, GPT_POSTPROCESS, "labels")
     scopes: List[Tuple[Any, str, str]] = [(gpt, "_postprocess", GPT_POSTPROCESS)]
     model_modules = [gpt_module]
-    try:
-        hybrid_module: Optional[Any] = importlib.import_module(
-            "megatron.core.models.hybrid.hybrid_model")
-    except ImportError:
-        hybrid_module = None  # before 0.19 (MambaModel: no MTP, every loss call is the main head)
-    if hybrid_module is not None:
-        hybrid = getattr(hybrid_module, "HybridModel", None)
-        if hybrid is None:
-            raise missing(HYBRID_FORWARD)
-        require_parameters(hybrid.forward, HYBRID_FORWARD, "labels")
-        scopes.append((hybrid, "forward", HYBRID_FORWARD))
-        model_modules.append(hybrid_module)
+    for module_name, class_name, symbol in (
+            ("megatron.core.models.hybrid.hybrid_model", "HybridModel", HYBRID_FORWARD),
+            ("megatron.core.models.mamba.mamba_model", "MambaModel", MAMBA_FORWARD)):
+        try:
+            module: Optional[Any] = importlib.import_module(module_name)
+        except ImportError:  # HybridModel: before 0.18; MambaModel: needs nothing absent here
+            continue
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise missing(symbol)
+        if "forward" not in vars(cls):  # inherited (0.18+ MambaModel): its base's scope
+            continue
+        require_parameters(cls.forward, symbol, "labels")
+        scopes.append((cls, "forward", symbol))
+        model_modules.append(module)
     mtp_module = _import("megatron.core.transformer.multi_token_prediction", MTP_LOSS)
     mtp_modules: Tuple[Any, ...] = ()
     if hasattr(mtp_module, "process_mtp_loss"):  # 0.17+: MTP heads run inside it

@@ -18,12 +18,30 @@ def version() -> str:
     return package_info.__version__.split("+")[0]
 
 
-def has_hybrid() -> bool:
+def hybrid_classes():
+    """(model class, stack class, stack submodules class, module naming TENorm, spec keyword)
+    of the hybrid model with inline post-processing and MTP patterns: HybridModel (0.18+), or
+    0.17's MambaModel (its predecessor); None before."""
     try:
-        import megatron.core.models.hybrid.hybrid_model  # noqa: F401
+        from megatron.core.models.hybrid import hybrid_block, hybrid_model
+
+        return (hybrid_model.HybridModel, hybrid_block.HybridStack,
+                hybrid_block.HybridStackSubmodules, hybrid_block, "hybrid_stack_spec")
     except ImportError:
-        return False
-    return True
+        pass
+    try:
+        from megatron.core.models.mamba import mamba_model
+        from megatron.core.ssm import mamba_block
+    except ImportError:
+        return None
+    if not hasattr(mamba_model, "process_mtp_loss"):  # 0.16: no MTP patterns
+        return None
+    return (mamba_model.MambaModel, mamba_block.MambaStack, mamba_block.MambaStackSubmodules,
+            mamba_block, "mamba_stack_spec")
+
+
+def has_hybrid() -> bool:
+    return hybrid_classes() is not None
 
 
 def has_mup() -> bool:
@@ -46,13 +64,11 @@ def cpu_shims():
 
     mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     if has_hybrid():
-        from megatron.core.models.hybrid import hybrid_block
-
         class TorchNorm(torch.nn.LayerNorm):
             def __init__(self, config, hidden_size, eps=1e-5):
                 super().__init__(hidden_size, eps=eps)
 
-        hybrid_block.TENorm = TorchNorm
+        hybrid_classes()[3].TENorm = TorchNorm
 
 
 def config(mtp_layers=None, mup=False, sequence_parallel=False, num_layers=1):
@@ -85,24 +101,23 @@ def build_gpt(seed=0, mtp_layers=None, share=False, sequence_parallel=False, mup
 
 
 def build_hybrid(seed=0, mtp_layers=None, mup=False):
-    """HybridModel ("**": two attention layers; "**/*": plus one MTP layer) from megatron-core's
-    local (non-TE) GPT layer and MTP specs."""
+    """HybridModel (0.17: MambaModel) with pattern "**" (two attention layers; "**/*": plus one
+    MTP layer) from megatron-core's local (non-TE) GPT layer and MTP specs."""
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_mtp_block_spec)
-    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.transformer.spec_utils import ModuleSpec
+
+    model_class, stack_class, submodules_class, _, spec_keyword = hybrid_classes()
 
     torch.manual_seed(seed)
     cfg = config(mtp_layers, mup, num_layers=2)
     spec = get_gpt_layer_local_spec()
     mtp = None if mtp_layers is None else get_gpt_mtp_block_spec(cfg, spec, False)
-    stack = ModuleSpec(module=HybridStack,
-                       submodules=HybridStackSubmodules(attention_layer=spec, mtp_block_spec=mtp))
-    return HybridModel(config=cfg, hybrid_stack_spec=stack, vocab_size=VOCAB,
-                       max_sequence_length=16, parallel_output=True,
-                       hybrid_layer_pattern="**" + "/*" * (mtp_layers or 0),
-                       position_embedding_type="learned_absolute")
+    stack = ModuleSpec(module=stack_class,
+                       submodules=submodules_class(attention_layer=spec, mtp_block_spec=mtp))
+    return model_class(config=cfg, vocab_size=VOCAB, max_sequence_length=16,
+                       parallel_output=True, hybrid_layer_pattern="**" + "/*" * (mtp_layers or 0),
+                       position_embedding_type="learned_absolute", **{spec_keyword: stack})
 
 
 def batch(seed=1, b=2, s=12):

@@ -10,7 +10,8 @@ gradient of that total (the MTP part enters as Megatron's MTPLossAutoScaler inje
 errors are printed (``pytest -s``) as ``ERR <case> loss=... grad=... mtp=...`` (loss and logged MTP loss:
 absolute 2e-5; gradients: rtol 1e-4, atol 1e-5 per element).
 
-On megatron-core 0.16 only the GPTModel cases run (no HybridModel, MuP or output_processor).
+On megatron-core 0.16 only the GPTModel cases run (no HybridModel, MuP or output_processor); on
+0.17 MambaModel (HybridModel's predecessor, same inline post-processing) stands in for HybridModel.
 """
 import contextlib
 
@@ -220,12 +221,13 @@ def worker(rank, world):
         data = mm.batch()
         cases = [Case("GPT+MTP", mm.build_gpt, mtp_layers=1)]
         if mm.has_hybrid():
-            cases = [Case("Hybrid", mm.build_hybrid), Case("Hybrid+MTP", mm.build_hybrid, 1),
+            hybrid = mm.hybrid_classes()[0].__name__.replace("Model", "")  # 0.17: Mamba
+            cases = [Case(hybrid, mm.build_hybrid), Case(f"{hybrid}+MTP", mm.build_hybrid, 1),
                      *cases]
         if mm.has_mup():
             cases += [Case("GPT+MTP+MuP", mm.build_gpt, 1, mup=True)]
             if mm.has_hybrid():
-                cases += [Case("Hybrid+MTP+MuP", mm.build_hybrid, 1, mup=True)]
+                cases += [Case(f"{hybrid}+MTP+MuP", mm.build_hybrid, 1, mup=True)]
         for case in cases:
             for include_mtp in ((False, True) if case.mtp_layers else (False,)):
                 ref = reference(case, vocab, data, include_mtp)
