@@ -7,8 +7,8 @@ Reference for every case: the *unpatched* model with the same weights; its outpu
 ``ntl_loss`` (the single-device oracle) on them for the main head, ``F.cross_entropy`` (+ 0.3 *
 NTL with include_mtp) on each MTP head's with Megatron's rolled labels/mask; every parameter's
 gradient of that total (the MTP part enters as Megatron's MTPLossAutoScaler injects it). The
-errors are printed (``pytest -s``) as ``ERR <case> loss=... grad=... mtp=...`` (loss and logged MTP loss:
-absolute 2e-5; gradients: rtol 1e-4, atol 1e-5 per element).
+errors are printed (``pytest -s``) as ``ERR <case> loss=... grad=... mtp=...`` (loss and logged
+MTP loss: absolute 2e-5; gradients: rtol 1e-4, atol 1e-5 per element).
 
 On megatron-core 0.16 only the GPTModel cases run (no HybridModel, MuP or output_processor); on
 0.17 MambaModel (HybridModel's predecessor, same inline post-processing) stands in for HybridModel.
@@ -345,8 +345,9 @@ def worker_pipeline(rank, world):
             loss_err = max([float((a - b).abs()) for a, b in zip(losses, ref_losses)] or [0.0])
             assert len(losses) == len(ref_losses) == (2 if rank == 1 else 0)
             assert loss_err < TOL, (rank, fused, loss_err)
+            values = [round(float(v), 4) for v in losses]
             print(f"ERR {mm.version()} pipeline stage {rank} fused={fused}: loss={loss_err:.1e} "
-                  f"grad={grad_err:.1e} (losses {[round(float(v), 4) for v in losses]})", flush=True)
+                  f"grad={grad_err:.1e} (losses {values})", flush=True)
     finally:
         patch.remove()
         parallel_state.destroy_model_parallel()

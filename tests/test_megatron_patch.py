@@ -340,7 +340,8 @@ def test_missing_symbol_is_named(monkeypatch):
             patch.apply(NumberVocab.from_tokens(TOKENS))
     with monkeypatch.context() as m:  # a future signature without 'labels'
         m.setattr(gpt_model.GPTModel, "_postprocess", lambda self, hidden_states, **kw: None)
-        with pytest.raises(TypeError, match=rf"_postprocess has no parameter 'labels'.*{installed}"):
+        with pytest.raises(TypeError,
+                           match=rf"_postprocess has no parameter 'labels'.*{installed}"):
             patch.apply(NumberVocab.from_tokens(TOKENS))
     with monkeypatch.context() as m:
         m.setattr(language_module.LanguageModule, "compute_language_model_loss",
