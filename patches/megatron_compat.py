@@ -61,8 +61,8 @@ class Megatron:
     ``scopes``: (class, method name, dotted name) of each model's post-processing -- the method
     whose run contains the output layer and every loss call of one forward:
     ``GPTModel._postprocess`` always; ``HybridModel.forward`` where HybridModel exists (0.18+,
-    post-processing inline); ``MambaModel.forward`` where MambaModel defines its own (0.16, 0.17: inline, with MTP in
-    0.17; from 0.18 it is a HybridModel subclass).
+    post-processing inline); ``MambaModel.forward`` where MambaModel defines its own (0.16,
+    0.17: inline, with MTP in 0.17; from 0.18 it is a HybridModel subclass).
     ``mtp_modules``: the model modules whose global ``process_mtp_loss`` (0.17+) runs the MTP
     heads; empty where MTP is inline in ``_postprocess`` (0.16)."""
 
