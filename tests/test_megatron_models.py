@@ -208,6 +208,17 @@ def refusals(vocab, data):
     patch.remove()
 
 
+def patched_symbols():
+    """Every function object the patch replaces, as Megatron currently has it."""
+    from ntl_deepspeed.patches import megatron_compat
+
+    megatron = megatron_compat.detect()
+    found = {target: vars(owner)[name] for owner, name, target in megatron.scopes}
+    found.update({m.__name__: m.process_mtp_loss for m in megatron.mtp_modules})
+    found["loss"] = vars(megatron.language_module)["compute_language_model_loss"]
+    return found
+
+
 def worker(rank, world):
     from megatron.core import parallel_state
 
@@ -215,6 +226,7 @@ def worker(rank, world):
 
     mm.cpu_shims()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    originals = patched_symbols()
     errors = []
     try:
         vocab = NumberVocab.from_tokens(mm.TOKENS)
@@ -239,6 +251,10 @@ def worker(rank, world):
                 output_processor_cases(case, vocab, data, reference(case, vocab, data, False),
                                        errors)
         refusals(vocab, data)
+        patch.apply(vocab)
+        assert all(patched_symbols()[k] is not f for k, f in originals.items())
+        patch.remove()
+        assert patched_symbols() == originals  # Megatron's own function objects again
         if rank == 0:
             print("\n".join(errors), flush=True)
     finally:
