@@ -100,7 +100,7 @@ def build_gpt(seed=0, mtp_layers=None, share=False, sequence_parallel=False, mup
                     share_embeddings_and_output_weights=share)
 
 
-def build_hybrid(seed=0, mtp_layers=None, mup=False):
+def build_hybrid(seed=0, mtp_layers=None, mup=False, sequence_parallel=False):
     """HybridModel (0.17: MambaModel) with pattern "**" (two attention layers; "**/*": plus one
     MTP layer) from megatron-core's local (non-TE) GPT layer and MTP specs."""
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
@@ -110,7 +110,7 @@ def build_hybrid(seed=0, mtp_layers=None, mup=False):
     model_class, stack_class, submodules_class, _, spec_keyword = hybrid_classes()
 
     torch.manual_seed(seed)
-    cfg = config(mtp_layers, mup, num_layers=2)
+    cfg = config(mtp_layers, mup, sequence_parallel, num_layers=2)
     spec = get_gpt_layer_local_spec()
     mtp = None if mtp_layers is None else get_gpt_mtp_block_spec(cfg, spec, False)
     stack = ModuleSpec(module=stack_class,
@@ -118,6 +118,18 @@ def build_hybrid(seed=0, mtp_layers=None, mup=False):
     return model_class(config=cfg, vocab_size=VOCAB, max_sequence_length=16,
                        parallel_output=True, hybrid_layer_pattern="**" + "/*" * (mtp_layers or 0),
                        position_embedding_type="learned_absolute", **{spec_keyword: stack})
+
+
+def torch_norm_with_sequence_parallel():
+    """Test-only: megatron-core's torch-LayerNorm wrapper refuses sequence parallelism (TE/Apex
+    norms mark their weights for the gradient all-reduce); a plain LayerNorm lets the sequence-
+    parallel path run on CPU. Per-rank gradients of replicated weights are then partial sums,
+    the same in the reference and in the patched model, and compared as such. Stays installed
+    for the rest of the process."""
+    from megatron.core.transformer import torch_norm
+
+    torch_norm.WrappedTorchNorm.__new__ = \
+        lambda cls, config, hidden_size, eps=1e-5, **kw: torch.nn.LayerNorm(hidden_size, eps=eps)
 
 
 def batch(seed=1, b=2, s=12):

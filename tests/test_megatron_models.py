@@ -67,11 +67,13 @@ def rolled(t):
 
 
 class Case:
-    def __init__(self, name, build, mtp_layers=None, mup=False):
+    def __init__(self, name, build, mtp_layers=None, mup=False, sequence_parallel=False):
         self.name, self.build, self.mtp_layers, self.mup = name, build, mtp_layers, mup
+        self.sequence_parallel = sequence_parallel
 
     def model(self):
-        return self.build(mtp_layers=self.mtp_layers, mup=self.mup)
+        return self.build(mtp_layers=self.mtp_layers, mup=self.mup,
+                          sequence_parallel=self.sequence_parallel)
 
 
 def reference(case, vocab, data, include_mtp):
@@ -240,7 +242,11 @@ def worker(rank, world):
             cases += [Case("GPT+MTP+MuP", mm.build_gpt, 1, mup=True)]
             if mm.has_hybrid():
                 cases += [Case(f"{hybrid}+MTP+MuP", mm.build_hybrid, 1, mup=True)]
+        if mm.has_hybrid():  # last: its norm shim stays installed
+            cases += [Case(f"{hybrid}+MTP+SP", mm.build_hybrid, 1, sequence_parallel=True)]
         for case in cases:
+            if case.sequence_parallel:
+                mm.torch_norm_with_sequence_parallel()
             for include_mtp in ((False, True) if case.mtp_layers else (False,)):
                 ref = reference(case, vocab, data, include_mtp)
                 for fused in (False, True):

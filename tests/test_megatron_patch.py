@@ -11,19 +11,9 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
 
-from megatron_models import TOKENS, VOCAB, batch, cpu_shims, grads
+from megatron_models import (TOKENS, VOCAB, batch, cpu_shims, grads,
+                             torch_norm_with_sequence_parallel)
 from megatron_models import build_gpt as build_model
-
-
-def torch_norm_with_sequence_parallel():
-    """Test-only: megatron-core's torch-LayerNorm wrapper refuses sequence parallelism (TE/Apex
-    norms mark their weights for the gradient all-reduce); a plain LayerNorm lets the sequence-
-    parallel path run on CPU. Per-rank gradients of replicated weights are then partial sums,
-    the same in the reference and in the patched model, and compared as such."""
-    from megatron.core.transformer import torch_norm
-
-    torch_norm.WrappedTorchNorm.__new__ = \
-        lambda cls, config, hidden_size, eps=1e-5, **kw: torch.nn.LayerNorm(hidden_size, eps=eps)
 
 
 def assert_grads(model, ref_grads):
