@@ -4,8 +4,12 @@
 #      apt/dpkg locks instead of failing; a failure only warns (needed for run_mpi.sh only);
 #   2. .venv (python3 -m venv) if missing;
 #   3. torch ($NTL_TORCH_SPEC), the pinned requirements-dev.txt and this project (editable),
-#      once per content of requirements-dev.txt + setup.cfg + NTL_TORCH_SPEC (a stamp file in
-#      .venv); concurrent callers wait for each other (flock).
+#      once per content of requirements-dev.txt + setup.cfg + NTL_TORCH_SPEC +
+#      NTL_MEGATRON_SECOND (a stamp file in .venv); concurrent callers wait for each other
+#      (flock). megatron-core is installed apart (--no-deps --ignore-requires-python: 0.17+
+#      declare Python >= 3.12 but ship cp311 wheels that work), and a second megatron-core
+#      version into .venv/megatron-core-$NTL_MEGATRON_SECOND (pip --target) for
+#      launch/run_tests.sh's second run of the Megatron tests.
 # Every step that installs prints one line "[setup_env] ..." on stderr; nothing when all is there.
 #
 # Variables:
@@ -13,13 +17,16 @@
 #                   CI tests); e.g. NTL_TORCH_SPEC="torch==2.13.0 --index-url <CUDA wheel index>".
 #                   torch comes only from here: requirements-dev.txt's torch pin is skipped.
 #   NTL_PYTHON      the interpreter that creates .venv (default: python3)
+#   NTL_MEGATRON_SECOND  the second megatron-core version CI tests (default: 0.16.1; empty: none)
 # Exported afterwards: PATH with .venv/bin first; without a working GPU (nvidia-smi -L)
 # DS_ACCELERATOR=cpu and GLOO_SOCKET_IFNAME=lo (values already set win); OMP_NUM_THREADS=1 unless
-# set; OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1.
+# set; OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1; NTL_MEGATRON_SECOND_PATH (the second megatron-core's
+# directory, for PYTHONPATH; empty when NTL_MEGATRON_SECOND is empty).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 NTL_TORCH_DEFAULT="torch==2.13.0"
+NTL_MEGATRON_SECOND="${NTL_MEGATRON_SECOND-0.16.1}"
 
 _ntl_say() { echo "[setup_env] $*" >&2; }
 
@@ -66,7 +73,7 @@ _ntl_install_mpi() {
 _ntl_install_python() {  # runs under the setup lock, in a subshell
   local torch_spec="${NTL_TORCH_SPEC:-$NTL_TORCH_DEFAULT}" torch_args stamp reqs
   stamp="$VENV/.ntl_deps_$( { cat "$ROOT/requirements-dev.txt" "$ROOT/setup.cfg";
-                               echo "$torch_spec"; } | sha1sum | cut -c1-12)"
+                               echo "$torch_spec $NTL_MEGATRON_SECOND"; } | sha1sum | cut -c1-12)"
   [ -e "$stamp" ] && return 0
   export DS_BUILD_OPS=0  # DeepSpeed without C++ builds; ops are JIT-compiled only if asked
   local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
@@ -80,8 +87,23 @@ _ntl_install_python() {  # runs under the setup lock, in a subshell
   "${pip[@]}" "${torch_args[@]}"
   _ntl_say "installing requirements-dev.txt into .venv (pinned versions, torch excepted)"
   reqs="$VENV/.requirements-dev-no-torch.txt"
-  grep -v -E '^[[:space:]]*torch[[:space:]]*([=<>!~;[]|$)' "$ROOT/requirements-dev.txt" > "$reqs"
+  grep -v -E '^[[:space:]]*(torch|megatron-core)[[:space:]]*([=<>!~;[]|$)' \
+    "$ROOT/requirements-dev.txt" > "$reqs"
   "${pip[@]}" -r "$reqs"
+  local megatron
+  megatron="$(grep -o -E '^[[:space:]]*megatron-core[[:space:]]*==[^[:space:]#;]+' \
+              "$ROOT/requirements-dev.txt" | tr -d '[:space:]')"
+  if [ -n "$megatron" ]; then  # its deps (torch, numpy, packaging) come from the lines above
+    _ntl_say "installing $megatron into .venv (--no-deps --ignore-requires-python)"
+    "${pip[@]}" --no-deps --ignore-requires-python "$megatron"
+  fi
+  if [ -n "$NTL_MEGATRON_SECOND" ]; then
+    _ntl_say "installing megatron-core==$NTL_MEGATRON_SECOND into" \
+             ".venv/megatron-core-$NTL_MEGATRON_SECOND (second version for the Megatron tests)"
+    rm -rf "$VENV/megatron-core-$NTL_MEGATRON_SECOND"
+    "${pip[@]}" --no-deps --ignore-requires-python --target \
+      "$VENV/megatron-core-$NTL_MEGATRON_SECOND" "megatron-core==$NTL_MEGATRON_SECOND"
+  fi
   _ntl_say "installing ntl-deepspeed into .venv (editable, no dependencies)"
   "${pip[@]}" --no-deps -e "$ROOT"
   rm -f "$VENV"/.ntl_deps_*
@@ -110,3 +132,4 @@ if ! _ntl_has_gpu; then
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export NTL_MEGATRON_SECOND_PATH="${NTL_MEGATRON_SECOND:+$VENV/megatron-core-$NTL_MEGATRON_SECOND}"

@@ -1,4 +1,6 @@
-"""The Megatron-core patch on a real TP=2 GPTModel (megatron-core 0.16.1, CPU, gloo)."""
+"""The Megatron-core patch on a real TP=2 GPTModel (megatron-core 0.16 to 0.19, CPU, gloo):
+sequence parallelism, shared weights, MTP at TP=1, stacking, flags. HybridModel, MTP at TP=2, MuP
+and the output_processor hook: tests/test_megatron_models.py."""
 import contextlib
 import functools
 
@@ -9,62 +11,9 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
 
-VOCAB = 64
-TOKENS = ["<unk>", "<s>", "</s>", "."] + [str(d) for d in range(10)] + \
-         [f"w{i}" for i in range(VOCAB - 14)]
-
-
-def cpu_shims():
-    """Test-only: megatron-core's GPTModel asks CUDA for a device and an RNG tracker."""
-    torch.cuda.current_device = lambda: "cpu"
-    from megatron.core.tensor_parallel import random as mrandom
-
-    mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-
-
-def torch_norm_with_sequence_parallel():
-    """Test-only: megatron-core's torch-LayerNorm wrapper refuses sequence parallelism (TE/Apex
-    norms mark their weights for the gradient all-reduce); a plain LayerNorm lets the sequence-
-    parallel path run on CPU. Per-rank gradients of replicated weights are then partial sums,
-    the same in the reference and in the patched model, and compared as such."""
-    from megatron.core.transformer import torch_norm
-
-    torch_norm.WrappedTorchNorm.__new__ = \
-        lambda cls, config, hidden_size, eps=1e-5, **kw: torch.nn.LayerNorm(hidden_size, eps=eps)
-
-
-def build_model(seed=0, mtp_layers=None, share=False, sequence_parallel=False):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
-                                                          get_gpt_mtp_block_spec)
-    from megatron.core.transformer import TransformerConfig
-
-    torch.manual_seed(seed)
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
-                            use_cpu_initialization=True, perform_initialization=True,
-                            params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-                            mtp_num_layers=mtp_layers, sequence_parallel=sequence_parallel,
-                            tensor_model_parallel_size=torch.distributed.get_world_size())
-    spec = get_gpt_layer_local_spec()
-    mtp = None if mtp_layers is None else get_gpt_mtp_block_spec(cfg, spec, False)
-    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
-                    max_sequence_length=16, parallel_output=True, mtp_block_spec=mtp,
-                    share_embeddings_and_output_weights=share)
-
-
-def batch(seed=1, b=2, s=12):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, s), generator=g)
-    labels = torch.randint(0, VOCAB, (b, s), generator=g)
-    digits = torch.rand(b, s, generator=g) < 0.5
-    labels[digits] = torch.randint(4, 14, (int(digits.sum()),), generator=g)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1).view(1, 1, s, s)
-    return ids, pos, causal, labels
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+from megatron_models import (TOKENS, VOCAB, batch, cpu_shims, grads,
+                             torch_norm_with_sequence_parallel)
+from megatron_models import build_gpt as build_model
 
 
 def assert_grads(model, ref_grads):
@@ -87,20 +36,32 @@ def megatron_methods():
 @contextlib.contextmanager
 def recorded_ce_ntl(patch):
     """Yields a list that receives 'logits' or 'hidden' for every ce_ntl call of the patch."""
-    real, calls = patch.ce_ntl, []
+    from ntl_deepspeed.patches import megatron_heads as heads
+
+    real, calls = heads.ce_ntl, []
 
     def recording(*a, **k):
         calls.append("hidden" if k.get("hidden") is not None else "logits")
         return real(*a, **k)
 
-    patch.ce_ntl = recording
+    heads.ce_ntl = recording
     try:
         yield calls
     finally:
-        patch.ce_ntl = real
+        heads.ce_ntl = real
 
 
-def worker(rank, world, kind, share, sp):
+CASES = [("was", False, False), ("mse", True, False), ("was", False, True)]  # kind, share, SP
+
+
+def worker(rank, world, cases):
+    """Every (kind, shared weights, sequence parallel) case in one launch; the SP cases last
+    (their norm shim stays installed)."""
+    for kind, share, sp in sorted(cases, key=lambda c: c[2]):
+        check_gpt_case(world, kind, share, sp)
+
+
+def check_gpt_case(world, kind, share, sp):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -156,10 +117,9 @@ def worker(rank, world, kind, share, sp):
         parallel_state.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("kind,share,sequence_parallel", [
-    ("was", False, False), ("mse", True, False), ("was", False, True)])
-def test_patched_gpt_model_tp2_equals_reference(kind, share, sequence_parallel):
-    run_distributed(worker, 2, kind, share, sequence_parallel, timeout=400)
+def test_patched_gpt_model_tp2_equals_reference():
+    """One launch for all CASES (process start and Megatron's import dominate the time)."""
+    run_distributed(worker, 2, CASES, timeout=400)
 
 
 def mtp_reference(vocab, ids, pos, causal, labels):
@@ -187,6 +147,7 @@ def worker_mtp(rank, world):
     """With Multi-Token Prediction the main head must still get CE + NTL (MTP heads: CE, or
     CE + NTL with include_mtp), with and without the fused head, gradients included."""
     from megatron.core import parallel_state
+    from megatron.core.transformer import multi_token_prediction as mtp_module
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     import ntl_deepspeed.patches.megatron_core as patch
@@ -206,6 +167,9 @@ def worker_mtp(rank, world):
                                  reduction="none").view(labels.shape)
         mtp_ntl = ntl_loss(mtp_logits, mtp_labels, vocab, "was", reduction="none")
         tracker = MTPLossLoggingHelper.tracker
+        key = "loss_values" if "loss_values" in tracker else "values"  # renamed in 0.19
+        # 0.17+: MTP heads run inside process_mtp_loss and keep real logits under the fused head
+        mtp_logits_shape = (12, 2, VOCAB) if hasattr(mtp_module, "process_mtp_loss") else (0,)
         for include_mtp in (False, True):
             mtp_ref = ((mtp_ce + 0.3 * mtp_ntl * include_mtp) * mtp_mask).sum() / mtp_mask.sum()
             for fused in (False, True):  # fused: the main head only, MTP heads get logits
@@ -215,15 +179,16 @@ def worker_mtp(rank, world):
                 outputs = []
                 model.output_layer.register_forward_hook(
                     lambda m, i, o: outputs.append(o[0].shape))
-                tracker["values"].zero_()
+                tracker[key].zero_()
                 with recorded_ce_ntl(patch) as calls:
                     loss = model(ids, pos, causal, labels=labels)
                 main = ["hidden" if fused else "logits"]
                 assert calls == (["logits"] if include_mtp else []) + main, calls
                 torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(tracker["values"][0], mtp_ref, rtol=1e-5, atol=1e-6)
-                # fused: every output-layer call returns an empty stand-in (no logits)
-                assert outputs == ([(0,)] * 2 if fused else [(12, 2, VOCAB)] * 2), outputs
+                torch.testing.assert_close(tracker[key][0], mtp_ref, rtol=1e-5, atol=1e-6)
+                # fused: the main head's output-layer call returns an empty stand-in (no logits)
+                assert outputs == ([mtp_logits_shape, (0,)] if fused else [(12, 2, VOCAB)] * 2), \
+                    outputs
                 if not include_mtp:  # the reference's MTP loss is CE: gradients match
                     loss.sum().backward()
                     assert_grads(model, ref_grads)
@@ -343,19 +308,48 @@ def test_stacks_with_other_wrappers_in_either_order():
 
 
 def test_missing_symbol_is_named(monkeypatch):
+    """A missing symbol or a changed signature: an error naming it and the installed version;
+    nothing is patched."""
+    import megatron_models as mm
+
     import ntl_deepspeed.patches.megatron_core as patch
     from megatron.core.models.common.language_module import language_module
     from megatron.core.models.gpt import gpt_model
+    from megatron.core.transformer import multi_token_prediction
 
+    installed = f"installed: megatron-core {mm.version()}"
     originals = megatron_methods()
     with monkeypatch.context() as m:
         m.delattr(language_module.LanguageModule, "compute_language_model_loss")
-        with pytest.raises(AttributeError, match="LanguageModule.compute_language_model_loss"):
+        with pytest.raises(AttributeError, match=r"LanguageModule\.compute_language_model_loss"
+                           rf".*{installed}"):
             patch.apply(NumberVocab.from_tokens(TOKENS))
     with monkeypatch.context() as m:
         m.delattr(gpt_model.GPTModel, "_postprocess")
         with pytest.raises(AttributeError, match=r"gpt_model\.GPTModel\._postprocess"):
             patch.apply(NumberVocab.from_tokens(TOKENS))
+    with monkeypatch.context() as m:  # a future signature without 'labels'
+        m.setattr(gpt_model.GPTModel, "_postprocess", lambda self, hidden_states, **kw: None)
+        with pytest.raises(TypeError,
+                           match=rf"_postprocess has no parameter 'labels'.*{installed}"):
+            patch.apply(NumberVocab.from_tokens(TOKENS))
+    with monkeypatch.context() as m:
+        m.setattr(language_module.LanguageModule, "compute_language_model_loss",
+                  lambda self, logits, labels: None)
+        with pytest.raises(TypeError, match=r"takes \['self', 'logits', 'labels'\]"):
+            patch.apply(NumberVocab.from_tokens(TOKENS))
+    if mm.has_hybrid():
+        from megatron.core.models.hybrid import hybrid_model
+
+        with monkeypatch.context() as m:
+            m.setattr(hybrid_model.HybridModel, "forward", lambda self, input_ids, **kw: None)
+            with pytest.raises(TypeError, match=r"HybridModel\.forward has no parameter 'labels'"):
+                patch.apply(NumberVocab.from_tokens(TOKENS))
+    if hasattr(multi_token_prediction, "process_mtp_loss"):  # 0.17+
+        with monkeypatch.context() as m:  # the model module stopped calling it by that name
+            m.delattr(gpt_model, "process_mtp_loss")
+            with pytest.raises(AttributeError, match=r"gpt_model\.process_mtp_loss"):
+                patch.apply(NumberVocab.from_tokens(TOKENS))
     assert megatron_methods() == originals and not patch.is_applied()
 
 
