@@ -256,7 +256,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Atomic: committed (manifest, rename, ``latest``) only once every rank has written
-        and flushed its files; keeps the newest ``--keep-checkpoints`` (checkpoint.py)."""
+        and flushed its files; keeps the newest ``--keep-checkpoints`` (train/checkpoint/)."""
         self.last_checkpoint = checkpoint.save(
             self.engine, self.checkpoint_dir(), step, {"step": step, **self.data_state()},
             self.run_config(), keep=getattr(self.args, "keep_checkpoints", 3),
