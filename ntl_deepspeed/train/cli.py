@@ -145,7 +145,7 @@ def main(argv=None):
     except BaseException as e:
         # a failed worker must exit: gloo/ZeRO threads can otherwise keep it alive forever
         from .checkpoint import CheckpointError
-        from .watchdog import TrainingDiverged
+        from .divergence import TrainingDiverged
 
         if isinstance(e, (CheckpointError, TrainingDiverged)):  # expected: one clear line
             print(f"error: {e}", file=sys.stderr, flush=True)
