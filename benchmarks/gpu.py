@@ -61,19 +61,12 @@ def make_labels(tokens: int, vocab_size: int, generator) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- variants
 def ours_logits(vocab, backend):
-    import ntl_deepspeed
-    from ntl_deepspeed import NTLConfig
+    from ntl_deepspeed import NTLConfig, ce_ntl
+
+    config = NTLConfig() if backend is None else NTLConfig(backend=backend)
 
     def loss(logits, labels):
-        kwargs = {} if backend is None else {"backend": backend}
-        try:
-            out = ntl_deepspeed.vocab_parallel_ce_ntl(logits, labels, vocab, None, NTLConfig(),
-                                                      **kwargs)
-        except TypeError as e:  # a version without the backend argument
-            if "backend" in str(e):
-                raise Unsupported(f"backend={backend!r}: not supported ({e})") from None
-            raise
-        return out.loss
+        return ce_ntl(labels, vocab, config, logits=logits).loss
 
     return loss
 
@@ -139,9 +132,10 @@ def torch_fused():
 
 
 def ours_fused(vocab):
-    from ntl_deepspeed import NTLConfig, fused_linear_ce_ntl
+    from ntl_deepspeed import NTLConfig, ce_ntl
 
-    return lambda h, w, y: fused_linear_ce_ntl(h, w, y, vocab, None, NTLConfig()).loss
+    config = NTLConfig()
+    return lambda h, w, y: ce_ntl(y, vocab, config, hidden=h, head_weight=w).loss
 
 
 def fused_variants(vocab):

@@ -8,7 +8,6 @@ oracle. In a user's DeepSpeed script, :func:`initialize` (a drop-in for
 the config's ``"ntl"`` section. Framework adapters: :mod:`ntl_deepspeed.patches` (transformers,
 fused head, Megatron-core), :mod:`ntl_deepspeed.integrations` (DeepSpeed, HF Trainer).
 """
-from ._deprecated import fused_linear_ce_ntl, vocab_parallel_ce_ntl
 from .config import NTLConfig
 from .integrations.deepspeed import initialize, install
 from .loss import CENTLOutput, ce_ntl
@@ -16,7 +15,5 @@ from .numbers import NumberVocab, VocabShard
 from .reference import ntl_loss, number_level_loss
 
 __all__ = ["CENTLOutput", "NTLConfig", "NumberVocab", "VocabShard", "ce_ntl", "initialize",
-           "install", "ntl_loss", "number_level_loss",
-           # deprecated (0.1 names), removed in 0.3:
-           "fused_linear_ce_ntl", "vocab_parallel_ce_ntl"]
-__version__ = "0.2.0"
+           "install", "ntl_loss", "number_level_loss"]
+__version__ = "0.3.0"

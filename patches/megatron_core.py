@@ -338,23 +338,12 @@ class MegatronNTL:
 _ntl = MegatronNTL()
 
 
-def apply(vocab: NumberVocab, config: Optional[NTLConfig] = None, include_mtp: bool = False,
-          fused_head: Optional[bool] = None, block_size: Optional[int] = None,
-          token_chunk: Optional[int] = None) -> None:
+def apply(vocab: NumberVocab, config: Optional[NTLConfig] = None,
+          include_mtp: bool = False) -> None:
     """Patch (or update the settings of the patch of) both methods; see the module docstring.
-    ``config.fused_head`` / ``fused_block_size`` / ``fused_token_chunk`` choose the fused head;
-    the ``fused_head`` / ``block_size`` / ``token_chunk`` keywords are deprecated (0.2) aliases
-    of these fields."""
-    config = as_config(config)
-    legacy = {"fused_head": fused_head, "fused_block_size": block_size,
-              "fused_token_chunk": token_chunk}
-    legacy = {k: v for k, v in legacy.items() if v is not None}
-    if legacy:
-        warnings.warn("megatron_core.apply(fused_head=, block_size=, token_chunk=) is deprecated "
-                      "and will be removed in 0.3; set NTLConfig(fused_head=, fused_block_size=, "
-                      "fused_token_chunk=)", DeprecationWarning, stacklevel=2)
-        config = config.replace(**legacy)
-    _ntl.apply(vocab, config, include_mtp)
+    ``config.fused_head`` / ``fused_block_size`` / ``fused_token_chunk`` choose the fused head
+    (the 0.2 keywords ``fused_head=`` / ``block_size=`` / ``token_chunk=`` were removed in 0.3)."""
+    _ntl.apply(vocab, as_config(config), include_mtp)
 
 
 def remove() -> None:

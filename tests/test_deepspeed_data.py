@@ -1,11 +1,10 @@
 """Training data of launch/pretrain.py from a sentencepiece model or a tokenizer.json."""
 import pytest
-import torch
 
 from ntl_deepspeed.train.data.corpus import generate
 from ntl_deepspeed.train.data.encode import text_encoder
 from ntl_deepspeed.train.data.tokenizer import train_tokenizer
-from ntl_deepspeed.train.trainer import token_blocks
+from ntl_deepspeed.train.data.sources import pack
 
 
 def test_corpus_is_seeded():
@@ -20,8 +19,8 @@ def test_sentencepiece_blocks_split_digits(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=path)
     pieces = [sp.id_to_piece(i) for i in encode("Ada had 482 apples")]
     assert {"4", "8", "2"} <= set(pieces)  # split_digits
-    blocks = token_blocks(path, 200, 0, 32)
-    assert blocks.shape[1] == 33 and (blocks == eos).any()
+    blocks = pack((encode(s) for s in generate(200, 0)), eos, 33)  # the trainer's packing
+    assert {len(b) for b in blocks[:-1]} == {33} and any(eos in b for b in blocks)
 
 
 def test_tokenizer_json(tmp_path):
@@ -37,8 +36,8 @@ def test_tokenizer_json(tmp_path):
     encode, eos = text_encoder(str(tmp_path))  # the directory works too
     assert eos == tok.token_to_id("<|endoftext|>")
     assert encode("12 + 3 = 15") == tok.encode("12 + 3 = 15").ids
-    blocks = token_blocks(path, 300, 0, 16)
-    assert blocks.dtype == torch.int64 and (blocks == eos).any()
+    blocks = pack((encode(s) for s in generate(300, 0)), eos, 17)
+    assert {len(b) for b in blocks[:-1]} == {17} and any(eos in b for b in blocks)
 
 
 def test_bad_tokenizer_paths(tmp_path):

@@ -353,13 +353,14 @@ def test_missing_symbol_is_named(monkeypatch):
     assert megatron_methods() == originals and not patch.is_applied()
 
 
-def test_deprecated_fused_head_keywords():
+def test_fused_head_is_a_config_field_and_normalization_is_megatrons():
     import ntl_deepspeed.patches.megatron_core as patch
 
     try:
-        with pytest.warns(DeprecationWarning, match="fused_head"):
-            patch.apply(NumberVocab.from_tokens(TOKENS), NTLConfig(kind="mse"), fused_head=True,
-                        block_size=5, token_chunk=7)
+        with pytest.raises(TypeError, match="fused_head"):  # the 0.2 keyword, removed in 0.3
+            patch.apply(NumberVocab.from_tokens(TOKENS), NTLConfig(kind="mse"), fused_head=True)
+        patch.apply(NumberVocab.from_tokens(TOKENS), NTLConfig(
+            kind="mse", fused_head=True, fused_block_size=5, fused_token_chunk=7))
         assert patch.current_settings().config == NTLConfig(
             kind="mse", fused_head=True, fused_block_size=5, fused_token_chunk=7)
         with pytest.warns(UserWarning, match="normalization"):  # Megatron normalises itself

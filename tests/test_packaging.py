@@ -124,7 +124,9 @@ def test_wheel_holds_every_module_and_declares_ranges(fresh):
     for name in ("torch", "deepspeed", "transformers", "accelerate"):
         assert any(re.match(rf"{name}\b", r) for r in runtime), f"{name} not declared"
     extras = set(meta.get_all("Provides-Extra"))
-    assert {"mpi", "megatron", "triton", "test"} <= extras
+    assert {"mpi", "megatron", "triton", "test", "train"} <= extras
+    assert not [r for r in runtime if re.match(r"(tqdm|matplotlib)\b", r)], \
+        "the library must not require the training application's dependencies"
     assert "ntl-pretrain = ntl_deepspeed.train.cli:main" in entry_points
     assert "ntl-numbers = ntl_deepspeed.numbers.__main__:main" in entry_points
 

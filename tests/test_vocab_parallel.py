@@ -6,8 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import recorded_collectives, run_distributed
-from ntl_deepspeed import (NTLConfig, NumberVocab, ce_ntl, fused_linear_ce_ntl, ntl_loss,
-                           vocab_parallel_ce_ntl)
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss
 from ntl_deepspeed.numbers import partition_bounds
 
 V = 37  # prime: uneven shards at TP 2, 3, 4
@@ -297,26 +296,3 @@ def worker_ties_and_bad_shards(rank, world):
 
 def test_ties_and_bad_shards_on_two_ranks():
     run_distributed(worker_ties_and_bad_shards, 2, timeout=120)
-
-
-# ---------------------------------------------------------------------- the 0.1 names
-def test_deprecated_aliases_still_work_and_warn():
-    vocab = make_vocab("spread")
-    logits, labels, weights = make_batch(vocab, 5)
-    cfg = NTLConfig(kind="mse", reweigh=True)
-    ref, ref_ce, ref_ntl = reference(logits, labels, vocab, cfg, weights)
-    with pytest.warns(DeprecationWarning, match="vocab_parallel_ce_ntl is deprecated .*ce_ntl"):
-        out = vocab_parallel_ce_ntl(logits, labels, vocab, None, loss_weights=weights,
-                                    kind="mse", reweigh=True)  # 0.1 keyword overrides
-    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.ntl, ref_ntl, rtol=1e-5, atol=1e-5)
-    with pytest.warns(DeprecationWarning, match="fused_linear_ce_ntl is deprecated .*ce_ntl"):
-        out = fused_linear_ce_ntl(logits, torch.eye(V), labels, vocab, None, cfg,
-                                  loss_weights=weights, block_size=8, token_chunk=5)
-    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="1 non-finite"):
-        vocab_parallel_ce_ntl(logits.index_fill(-1, torch.tensor([5]), float("nan"))[:1, :1],
-                              labels[:1, :1], vocab, check_finite=True)
-    with pytest.warns(DeprecationWarning), \
-            pytest.raises(ValueError, match="vocab_start_index=3 was given without a tensor-"):
-        vocab_parallel_ce_ntl(logits[..., 3:], labels, vocab, None, vocab_start_index=3)

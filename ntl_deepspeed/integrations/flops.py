@@ -37,7 +37,7 @@ def record_ce_ntl_flops(tokens: int, vocab_local: int, numbers_local: int) -> in
         return 0
     flops = ce_ntl_forward_flops(tokens, vocab_local, numbers_local)
     if profiler.module_flop_count:
-        profiler.module_flop_count[-1].append(("ntl_deepspeed.vocab_parallel_ce_ntl", flops))
+        profiler.module_flop_count[-1].append(("ntl_deepspeed.ce_ntl", flops))
     elif _root_module is not None and hasattr(_root_module, "__flops__"):
         _root_module.__flops__ += flops
     else:

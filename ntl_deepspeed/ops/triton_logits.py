@@ -1,6 +1,6 @@
 """Triton kernels for the logits path of the vocab-parallel CE+NTL op.
 
-The torch path (:mod:`.vocab_parallel`) walks a rank's logits shard in row chunks from Python,
+The torch path (:mod:`.logits`) walks a rank's logits shard in row chunks from Python,
 so on CUDA its number of kernel launches grows with the number of tokens T. Here each of the two
 logits passes is one launch, whatever T and the shard width W:
 

@@ -128,11 +128,24 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def require_train_extra(plot: bool = True) -> None:
+    """The application's own dependencies (the ``[train]`` extra), named before any rank starts
+    work: the library itself does not need them."""
+    import importlib.util
+
+    wanted = ("tqdm", "matplotlib") if plot else ("tqdm",)
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"ntl-pretrain needs {' and '.join(missing)}: "
+                         "pip install 'ntl-deepspeed[train]'")
+
+
 def main(argv=None):
     from .watchdog import watch_launcher
 
     watch_launcher()  # never outlive the launcher (parent-death signal + watchdog thread)
     args = parse_args(argv)
+    require_train_extra(plot=not args.no_plot)
     configure()  # cuda/nccl or cpu/gloo, before DeepSpeed is imported
     import torch
 
@@ -145,7 +158,7 @@ def main(argv=None):
     except BaseException as e:
         # a failed worker must exit: gloo/ZeRO threads can otherwise keep it alive forever
         from .checkpoint import CheckpointError
-        from .watchdog import TrainingDiverged
+        from .divergence import TrainingDiverged
 
         if isinstance(e, (CheckpointError, TrainingDiverged)):  # expected: one clear line
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -42,7 +42,8 @@ def eval_summary(evals: List[Dict[str, float]], generation: Optional[Dict] = Non
 
 def plot_curves(history: List[Dict[str, float]], path: str,
                 evals: Optional[List[Dict[str, float]]] = None) -> str:
-    """Training curves (loss, NTL, number MAE); held-out evaluations as markers."""
+    """Training curves (loss, NTL, number MAE, number-token accuracy); held-out evaluations
+    (e.g. unseen arithmetic problems) as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,9 +51,10 @@ def plot_curves(history: List[Dict[str, float]], path: str,
 
     evals = evals or []
     steps = [r["step"] + 1 for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, keys, title in ((axes[0], ("ce", "loss"), "loss"), (axes[1], ("ntl",), "NTL"),
-                            (axes[2], ("number_mae",), "|y-hat - y| on number labels")):
+                            (axes[2], ("number_mae",), "|y-hat - y| on number labels"),
+                            (axes[3], ("number_accuracy",), "number-token accuracy")):
         for k in (k for k in keys if k in history[0]):
             ax.plot(steps, [r[k] for r in history], label=k)
         eval_keys = ("ce", "ce_non_number") if ax is axes[0] else keys

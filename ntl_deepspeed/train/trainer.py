@@ -19,7 +19,7 @@ from ..numbers.token_sources import read_pieces
 from ..metrics import NTLMetrics
 from . import checkpoint
 from .data.sources import build_data
-from .watchdog import DivergenceGuard
+from .divergence import DivergenceGuard
 from .evaluation import Evaluator
 from .outputs import redirect_monitors
 
@@ -66,23 +66,6 @@ def build_engine(model_config_path: str, vocab_size: int, ds_config: dict):
 
 def pad_vocab(size: int, multiple: int) -> int:
     return (size + multiple - 1) // multiple * multiple
-
-
-def token_blocks(tokenizer_path: str, n_sentences: int, seed: int, seq_len: int) -> torch.Tensor:
-    """The corpus as [n_blocks, seq_len + 1] token ids (sentences joined by EOS)."""
-    from .data.corpus import generate
-    from .data.encode import text_encoder
-
-    encode, eos = text_encoder(tokenizer_path)
-    ids: List[int] = []
-    for sentence in generate(n_sentences, seed):
-        ids.extend(encode(sentence))
-        ids.append(eos)
-    n = len(ids) // (seq_len + 1)
-    if n == 0:
-        raise ValueError(f"--corpus-sentences {n_sentences} gives fewer than seq_len + 1 = "
-                         f"{seq_len + 1} tokens")
-    return torch.tensor(ids[: n * (seq_len + 1)]).view(n, seq_len + 1)
 
 
 def _debug_exit(step: int) -> None:
@@ -256,7 +239,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Atomic: committed (manifest, rename, ``latest``) only once every rank has written
-        and flushed its files; keeps the newest ``--keep-checkpoints`` (checkpoint.py)."""
+        and flushed its files; keeps the newest ``--keep-checkpoints`` (train/checkpoint/)."""
         self.last_checkpoint = checkpoint.save(
             self.engine, self.checkpoint_dir(), step, {"step": step, **self.data_state()},
             self.run_config(), keep=getattr(self.args, "keep_checkpoints", 3),
