@@ -123,7 +123,7 @@ def run_loop(model, ids, labels, vocab):
 
 
 def run_trainer(model, ids, labels, vocab, out_dir):
-    from accelerate.utils import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig, ParallelismConfig
     from transformers import TrainerCallback, TrainingArguments
 
     from ntl_deepspeed.integrations.hf_trainer import NTLTrainer
@@ -148,8 +148,10 @@ def run_trainer(model, ids, labels, vocab, out_dir):
         output_dir=out_dir, per_device_train_batch_size=MICRO, max_steps=1, logging_steps=1,
         learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
         report_to=[], save_strategy="no", deepspeed=config, seed=0, use_cpu=True,
-        parallelism_config=ParallelismConfig(sp_backend="deepspeed", sp_size=SP,
-                                              sp_handler=None))
+        parallelism_config=ParallelismConfig(
+            sp_backend="deepspeed", sp_size=SP, sp_handler=DeepSpeedSequenceParallelConfig(
+                sp_seq_length=SEQ, sp_seq_length_is_variable=False,
+                sp_attn_implementation="sdpa")))
     trainer = NTLTrainer(model=model, args=args, train_dataset=rows, ntl_vocab=vocab,
                          callbacks=[GradsBeforeStep()])
     trainer.train()
