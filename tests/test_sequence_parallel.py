@@ -83,3 +83,52 @@ def test_initialize_refuses_sp_with_autotp_before_deepspeed():
         ntl_deepspeed.initialize(torch.nn.Linear(2, 2), {
             "sequence_parallel_size": 2, "data_parallel_size": 1,
             "tensor_parallel": {"autotp_size": 2}, "ntl": {}}, vocab=object())
+
+
+def test_our_trainer_sp2_equals_one_rank(tmp_path):
+    """ntl-pretrain --sequence-parallel 2 (ZeRO-3, 2 ranks sharing each sequence) vs the same
+    job on 1 rank: the same micro-batches, so the same loss, CE and NTL at every step. SGD
+    without clipping: a wrong gradient scale would change the later steps."""
+    from launch_utils import TINY, command, env, metrics
+
+    with open(TINY) as f:
+        config = json.load(f)
+    config.pop("scheduler")
+    config.update(gradient_clipping=0.0, zero_allow_untested_optimizer=True,
+                  optimizer={"type": "SGD", "params": {"lr": 0.5}})
+    path = tmp_path / "sgd.json"
+    path.write_text(json.dumps(config))
+    rows = {}
+    for ranks, extra in ((2, ["--sequence-parallel", "2"]), (1, [])):
+        out = tmp_path / f"ranks{ranks}"
+        proc = subprocess.run(command(out, "--steps", "3", "--no-save", *extra,
+                                      config=str(path), ranks=ranks),
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        rows[ranks] = metrics(out)
+    assert [r["step"] for r in rows[2]] == [0, 1, 2]
+    assert rows[2][2]["loss"] < rows[2][0]["loss"] - 0.1  # it trains
+    for sp, one in zip(rows[2], rows[1]):
+        for key in ("loss", "ce", "ntl", "number_mae", "number_accuracy"):
+            assert sp[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (sp["step"], key)
+
+
+def test_our_trainer_refuses_what_sp_cannot_do():
+    import argparse
+
+    from ntl_deepspeed.train.sequence_parallel import check_arguments, sequence_parallel_size
+
+    args = argparse.Namespace(sequence_parallel=2, eval_fraction=0.1, eval_data=None,
+                              generate_eval=0, plain_ce=False)
+    with pytest.raises(ValueError, match="evaluation.*not supported"):
+        check_arguments(args, 2, 64, 2, 1)
+    args.eval_fraction = 0.0
+    with pytest.raises(ValueError, match="--seq-len 63 is not a multiple"):
+        check_arguments(args, 2, 63, 2, 1)
+    with pytest.raises(ValueError, match="AutoTP"):
+        check_arguments(args, 2, 64, 4, 2)
+    check_arguments(args, 2, 64, 2, 1)
+    with pytest.raises(ValueError, match='says "sequence_parallel_size": 4'):
+        sequence_parallel_size(args, {"sequence_parallel_size": 4})
+    assert sequence_parallel_size(argparse.Namespace(sequence_parallel=None),
+                                  {"sequence_parallel_size": 2}) == 2
