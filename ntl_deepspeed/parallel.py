@@ -45,4 +45,4 @@ class SequenceParallel:
         """``value`` (the micro-batch's, from all-reduced sums) with the gradient of this rank's
         ``share``, times the SP size when the framework averages over the group."""
         scaled = share * self.size if self.grads_averaged else share
-        return scaled + (value - scaled).detach()
+        return value.detach() + (scaled - scaled.detach())  # exactly ``value`` on every rank

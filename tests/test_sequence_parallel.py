@@ -1,8 +1,8 @@
 """DeepSpeed Ulysses sequence parallelism with NTL, real 2-rank launches (SP 2, CPU, gloo):
 the loss, CE, NTL and the gradient of every parameter equal the unsplit model's (one process,
 F.cross_entropy + ntl_loss, autograd) on the same batch -- through ntl_deepspeed.initialize
-(ZeRO 1/2/3, every normalisation, materialised logits and the fused head) and through
-NTLTrainer with ParallelismConfig(sp_backend="deepspeed"). Layouts that cannot work stop at
+(ZeRO 1/2/3, every normalisation, materialised logits and the fused head; also SP 2 x DP 2 on 4
+ranks) and through NTLTrainer with ParallelismConfig(sp_backend="deepspeed"). Layouts that cannot work stop at
 start-up."""
 import json
 import os
@@ -20,12 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "sequence_parallel.py")
 
 
-def _launch(tmp_path, mode):
+def _launch(tmp_path, mode, ranks=2):
     out = tmp_path / "result.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=ROOT, PATH=os.path.dirname(sys.executable) + os.pathsep
                + os.environ.get("PATH", ""))
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
            str(free_port()), SCRIPT, mode, str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -35,8 +35,9 @@ def _launch(tmp_path, mode):
 
 def _check_case(result, *, fused: bool):
     ours, ref = result["ours"], result["reference"]
-    assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-6)
-    assert ours["ce"] == pytest.approx(ref["ce"], rel=1e-6)  # metrics over the SP group
+    assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-6)  # rank 0's replica
+    assert ours["ce"] == pytest.approx(ref["ce_all"], rel=1e-6)  # metrics: all ranks' tokens
+    assert ours["ntl"] == pytest.approx(ref["ntl_all"], rel=1e-5)  # per number label
     assert len(result["grad_rel_err"]) == 12                  # every parameter of the model
     worst = max(result["grad_rel_err"].values())
     assert worst < 1e-5, result["grad_rel_err"]
@@ -51,14 +52,25 @@ def test_initialize_sp2_equals_the_unsplit_model(tmp_path):
                             "zero1_fused"}
     for name, result in results.items():
         _check_case(result, fused="fused" in name)
-        if "token" not in name:  # the metric is NTL per number label
-            assert result["ours"]["ntl"] == pytest.approx(result["reference"]["ntl"], rel=1e-5)
+        assert result["per_rank_loss"][0] == result["per_rank_loss"][1]  # the whole micro-batch's
+
+
+def test_sp2_x_dp2_equals_two_unsplit_replicas(tmp_path):
+    """4 ranks: two data replicas of SP 2, each with its own rows. Each rank's loss is its
+    replica's micro-batch loss; gradients are the replicas' mean (``global``: NTL over both
+    replicas' number labels), under ZeRO 1/2/3."""
+    results = _launch(tmp_path, "loop", ranks=4)
+    assert set(results) == {"dp2_zero1_global", "dp2_zero3_global", "dp2_zero2"}
+    for name, result in results.items():
+        _check_case(result, fused=False)
+        losses, refs = result["per_rank_loss"], result["per_rank_ref"]
+        assert losses == pytest.approx(refs, rel=1e-6)
+        assert losses[0] == losses[1] != losses[2] == losses[3]  # SP groups {0,1}, {2,3}
 
 
 def test_ntl_trainer_sp2_equals_the_unsplit_model(tmp_path):
     result = _launch(tmp_path, "trainer")["trainer"]
     _check_case(result, fused=False)
-    assert result["ours"]["ntl"] == pytest.approx(result["reference"]["ntl"], rel=1e-5)
 
 
 def test_layouts_that_cannot_work_stop_at_start_up():

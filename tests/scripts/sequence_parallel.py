@@ -6,6 +6,7 @@ every parameter. Then SP 2 (each rank a slice of the sequences from UlyssesSPDat
 for each case; rank 0 writes both to OUT.
 
     sequence_parallel.py loop OUT      ntl_deepspeed.initialize(..., mpu=mpu), several cases
+                                       (4 ranks: SP 2 x DP 2, each data replica its own rows)
     sequence_parallel.py trainer OUT   NTLTrainer + ParallelismConfig(sp_backend="deepspeed")
 """
 import argparse
@@ -35,32 +36,56 @@ LOOP_CASES = [("zero1", 1, {"normalization": "micro_batch"}),
                                   "kind": "mse"})]
 
 
-def batch():
+# 4 ranks: SP 2 x DP 2 (two data replicas, each its own micro-batch)
+DP_CASES = [("dp2_zero1_global", 1, {"normalization": "global"}),
+            ("dp2_zero3_global", 3, {"normalization": "global"}),
+            ("dp2_zero2", 2, {"normalization": "micro_batch"})]
+DIGITS = (3, 13)  # ids of "0".."9" in TOKENS
+
+
+def batch(replica: int = 0):
     """Uneven work across the two slices: number labels mostly in the second one, ignored
-    labels only in the first."""
+    labels only in the first. Each data replica its own rows."""
     _, ids, labels = model_and_batch()
+    torch.manual_seed(100 + replica)
     ids[:, 2:9] = torch.randint(13, VOCAB, (2, 7))
-    ids[:, 7:11] = torch.randint(3, 13, (2, 4))   # digits: shifted labels at 6..9 (slice 1)
+    ids[:, 7:11 - replica] = torch.randint(3, 13, (2, 4 - replica))  # labels at 6..9 (slice 1)
     ids[0, 3] = 7                                  # one digit label in slice 0
     labels = ids.clone()
     labels[0, :3] = -100
     return ids, labels
 
 
-def reference(model, ids, labels, vocab, ntl):
-    """Loss parts and parameter gradients of the unsplit model (one process, no DeepSpeed)."""
+def reference(model, replicas, vocab, ntl, mine: int = 0):
+    """Loss parts of data replica ``mine`` and the parameter gradients of the unsplit model (one
+    process, no DeepSpeed): each replica's micro-batch loss per ``normalization``, gradients
+    averaged over the replicas as DeepSpeed does; ``ce_all``/``ntl_all``: per valid token / per
+    number label over all replicas (the metrics)."""
     model = copy.deepcopy(model)
-    logits = model(input_ids=ids, position_ids=torch.arange(SEQ).expand_as(ids)).logits
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, VOCAB), shifted.reshape(-1))
-    kind = ntl.get("kind", "was")
-    if ntl.get("normalization") == "token":
-        n = ntl_loss(logits, shifted, vocab, kind, reduction="sum") / (shifted != -100).sum()
-    else:  # micro_batch, and global with one data-parallel replica
-        n = ntl_loss(logits, shifted, vocab, kind)
-    loss = ce + 0.3 * n
-    loss.backward()
-    return {"loss": loss.item(), "ce": ce.item(), "ntl": n.item(),
+    kind, norm, parts = ntl.get("kind", "was"), ntl.get("normalization"), []
+    for ids, labels in replicas:
+        logits = model(input_ids=ids, position_ids=torch.arange(SEQ).expand_as(ids)).logits
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        parts.append((logits, shifted))
+    numbers = [((y >= DIGITS[0]) & (y < DIGITS[1])).sum() for _, y in parts]
+    rows, ce_sum, ntl_sum = [], 0.0, 0.0
+    for logits, shifted in parts:
+        ce = F.cross_entropy(logits.reshape(-1, VOCAB), shifted.reshape(-1))
+        total = ntl_loss(logits, shifted, vocab, kind, reduction="sum")
+        if norm == "token":
+            n = total / (shifted != -100).sum()
+        elif norm == "global":  # x replicas: DeepSpeed averages over them
+            n = total * len(replicas) / sum(numbers)
+        else:
+            n = ntl_loss(logits, shifted, vocab, kind)
+        rows.append((ce + 0.3 * n, ce, n))
+        ce_sum, ntl_sum = ce_sum + ce.item() * (shifted != -100).sum().item(), \
+            ntl_sum + total.item()
+    torch.stack([r[0] for r in rows]).mean().backward()
+    loss, ce, n = rows[mine]
+    valid = sum((y != -100).sum().item() for _, y in parts)
+    return {"loss": loss.item(), "ce": ce.item(), "ntl": n.item(), "ce_all": ce_sum / valid,
+            "ntl_all": ntl_sum / sum(numbers).item(),
             "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
 
 
@@ -83,7 +108,7 @@ def compare(engine, ref, row):
         grad = safe_get_full_grad(p)
         errors[name] = ((grad - ref["grads"][name]).abs().max()
                         / ref["grads"][name].abs().max().clamp_min(1e-12)).item()
-    out = {k: ref[k] for k in ("loss", "ce", "ntl")}
+    out = {k: ref[k] for k in ("loss", "ce", "ntl", "ce_all", "ntl_all")}
     return {"ours": row, "reference": out, "grad_rel_err": errors}
 
 
@@ -95,19 +120,22 @@ def ds_config(stage, ntl):
             "ntl": {"weight": 0.3, "kind": "was", **ntl}}
 
 
-def run_loop(model, ids, labels, vocab):
+def run_loop(model, vocab):
     import ntl_deepspeed
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
     from ntl_deepspeed.metrics import NTLMetrics
 
-    refs = {name: reference(model, ids, labels, vocab, ntl) for name, _, ntl in LOOP_CASES}
+    n_replicas, replica = dist.get_world_size() // SP, dist.get_rank() // SP
+    cases = LOOP_CASES if n_replicas == 1 else DP_CASES
+    replicas = [batch(r) for r in range(n_replicas)]
+    refs = {name: reference(model, replicas, vocab, ntl, replica) for name, _, ntl in cases}
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=SP,
         micro_batch_size=MICRO, seq_length=SEQ, seq_length_is_variable=False)
-    mine = sp_batches(ids, labels, mpu.get_sequence_parallel_group())
+    mine = sp_batches(*replicas[replica], mpu.get_sequence_parallel_group())
     results = {}
-    for name, stage, ntl in LOOP_CASES:
+    for name, stage, ntl in cases:
         metrics = NTLMetrics()
         engine, *_ = ntl_deepspeed.initialize(model=copy.deepcopy(model),
                                               config=ds_config(stage, ntl), vocab=vocab,
@@ -119,7 +147,11 @@ def run_loop(model, ids, labels, vocab):
                "slice_tokens": int(mine["input_ids"].shape[1]),
                **metrics.reduce(mpu.get_sequence_data_parallel_group())}
         results[name] = compare(engine, refs[name], row)
-    return results
+    everyone = [None] * dist.get_world_size()  # each data replica reports its own loss
+    dist.all_gather_object(everyone, results)
+    return {name: {**results[name], "per_rank_loss": [r[name]["ours"]["loss"] for r in everyone],
+                   "per_rank_ref": [r[name]["reference"]["loss"] for r in everyone]}
+            for name in results}
 
 
 def run_trainer(model, ids, labels, vocab, out_dir):
@@ -129,7 +161,7 @@ def run_trainer(model, ids, labels, vocab, out_dir):
     from ntl_deepspeed.integrations.hf_trainer import NTLTrainer
 
     ntl = {"normalization": "micro_batch"}
-    ref = reference(model, ids, labels, vocab, ntl)
+    ref = reference(model, [(ids, labels)], vocab, ntl)
     config = ds_config(3, ntl)
     config.pop("optimizer")
     config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
@@ -168,12 +200,11 @@ def main():
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
     model, _, _ = model_and_batch()
-    ids, labels = batch()
     vocab = NumberVocab.from_tokens(TOKENS)
     if args.mode == "loop":
-        result = run_loop(model, ids, labels, vocab)
+        result = run_loop(model, vocab)
     else:
-        result = run_trainer(model, ids, labels, vocab, os.path.dirname(args.out))
+        result = run_trainer(model, *batch(), vocab, os.path.dirname(args.out))
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
