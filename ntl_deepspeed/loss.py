@@ -62,7 +62,10 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
 
     Sequence parallelism (``sp_group``: the ranks holding slices of the same sequences, e.g.
     DeepSpeed Ulysses; ``dp_group`` then spans data x sequence parallel ranks): see
-    :func:`normalise` -- one more all-reduce of 4 floats on ``sp_group`` in forward.
+    :func:`normalise` -- one more all-reduce of 4 floats on ``sp_group`` in forward
+    (``reduction="mean"``; ``"sum"``/``"none"`` stay this rank's tokens). ``out.loss``,
+    ``out.ce``, ``out.ntl`` are then the whole micro-batch's values, with this rank's share as
+    their gradient.
     ``sp_grads_averaged``: the framework averages gradients over ``sp_group`` (DeepSpeed ZeRO-3)
     instead of summing them (ZeRO 0-2).
     """
