@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..config import NTLConfig, as_config
 from ..loss import CENTLOutput, ce_ntl
 from ..numbers import NumberVocab
+from .sequence_parallel import check_sequence_parallel, sequence_parallel_groups
 
 
 class HeadInputs(NamedTuple):
@@ -81,6 +82,9 @@ class PipelineNTLLoss:
         if grid is None:
             raise TypeError(f"bind: {type(module).__name__} is not a deepspeed.pipe."
                             "PipelineModule (no _grid)")
+        sp = sequence_parallel_groups()
+        check_sequence_parallel(self.config, sp.sp_size if sp else 1,
+                                vocab_parallel_head=False, pipeline=True)
         self.dp_group = grid.get_data_parallel_group()
         return self
 
