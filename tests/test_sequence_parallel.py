@@ -2,8 +2,8 @@
 the loss, CE, NTL and the gradient of every parameter equal the unsplit model's (one process,
 F.cross_entropy + ntl_loss, autograd) on the same batch -- through ntl_deepspeed.initialize
 (ZeRO 1/2/3, every normalisation, materialised logits and the fused head; also SP 2 x DP 2 on 4
-ranks) and through NTLTrainer with ParallelismConfig(sp_backend="deepspeed"). Layouts that cannot work stop at
-start-up."""
+ranks), through NTLTrainer with ParallelismConfig(sp_backend="deepspeed"), and in our trainer
+(--sequence-parallel 2 vs 1 rank). Layouts that cannot work stop at start-up."""
 import json
 import os
 import subprocess

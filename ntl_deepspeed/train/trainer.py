@@ -249,7 +249,9 @@ class Trainer:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         if dist.get_rank() == 0:
             info = {"parameters": params, "world_size": dist.get_world_size(),
-                    "tp_size": self.tp_size, "peak_rss_mb_max_rank": rss[0].item(),
+                    "tp_size": self.tp_size,
+                    "sp_size": self.slicer.size if self.slicer is not None else 1,
+                    "peak_rss_mb_max_rank": rss[0].item(),
                     "peak_rss_mb_sum": rss[1].item()}
             with open(os.path.join(self.args.output_dir, "run_info.json"), "w") as f:
                 json.dump(info, f, indent=2)
