@@ -144,3 +144,21 @@ def test_our_trainer_refuses_what_sp_cannot_do():
         sequence_parallel_size(args, {"sequence_parallel_size": 4})
     assert sequence_parallel_size(argparse.Namespace(sequence_parallel=None),
                                   {"sequence_parallel_size": 2}) == 2
+
+
+def test_preflight_names_the_sp_problem_before_any_rank_starts(tmp_path):
+    from launch_utils import MODEL, TINY
+
+    from ntl_deepspeed.train import preflight
+
+    base = ["--deepspeed_config", TINY, "--model", MODEL]
+    with pytest.raises(preflight.PreflightError, match="--seq-len 33 is not a multiple"):
+        preflight.check(base + ["--sequence-parallel", "2", "--seq-len", "33"])
+    with pytest.raises(preflight.PreflightError, match="evaluation"):
+        preflight.check(base + ["--sequence-parallel", "2", "--eval-fraction", "0.1"])
+    config = tmp_path / "sp4.json"
+    config.write_text(json.dumps({**json.loads(open(TINY).read()), "sequence_parallel_size": 4}))
+    with pytest.raises(preflight.PreflightError, match='says "sequence_parallel_size": 4'):
+        preflight.check(["--deepspeed_config", str(config), "--model", MODEL,
+                         "--sequence-parallel", "2"])
+    preflight.check(base + ["--sequence-parallel", "2"])
