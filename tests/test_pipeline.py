@@ -1,6 +1,7 @@
 """DeepSpeed pipeline parallelism with NTL, one real 2-rank launch (PipelineModule, 2 stages,
-CPU, gloo): PipelineNTLLoss on the last stage -- after an nn.Linear head (logits) and after
-FusedLMHead as the last LayerSpec (logits never materialised) -- gives the unpipelined model's
+CPU, gloo): PipelineNTLLoss on the last stage -- after an nn.Linear head (logits), after
+FusedLMHead as the last LayerSpec, and after tied_head on a TiedLayerSpec embedding (logits
+never materialised) -- gives the unpipelined model's
 loss (mean over 2 micro-batches) and the gradient of every parameter on both stages (one
 process, F.cross_entropy + ntl_loss, autograd), under ZeRO 0 and 1 and the micro_batch / token /
 global normalisations; the last stage's metrics (CE, NTL, number accuracy, MAE) equal the
@@ -15,7 +16,8 @@ import torch
 
 from dist_utils import free_port
 from ntl_deepspeed import NTLConfig, NumberVocab
-from ntl_deepspeed.integrations.pipeline import FusedLMHead, HeadInputs, PipelineNTLLoss
+from ntl_deepspeed.integrations.pipeline import (FusedLMHead, HeadInputs, PipelineNTLLoss,
+                                                 tied_head)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "pipeline.py")
@@ -32,15 +34,19 @@ def test_pp2_equals_the_unpipelined_model(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = [json.loads((tmp_path / f"result.json.{r}").read_text()) for r in (0, 1)]
-    assert set(stages[0]) == {"zero0_logits", "zero1_fused", "zero1_fused_global_mse"}
+    assert set(stages[0]) == {"zero0_logits", "zero1_fused", "zero1_fused_global_mse",
+                              "zero0_tied"}
     for name in stages[0]:
         first, last = stages[0][name], stages[1][name]
         assert (first["stage"], last["stage"]) == (0, 1) and last["first_layer"] == 3
-        assert first["n_params"] + last["n_params"] == 16  # every parameter, once
+        assert len(first["grad_rel_err"]) + len(last["grad_rel_err"]) == 16  # every parameter
+        if name == "zero0_tied":  # the embedding on stage 0 is the head on stage 1
+            assert "tied_modules.embed.weight" in first["grad_rel_err"]
+            assert "tied_modules.embed.weight" in last["grad_rel_err"]
         for row in (first, last):
             assert row["loss"] == pytest.approx(row["ref_loss"], rel=1e-6), name
-            assert max(row["grad_rel_err"]) < 1e-5, (name, row["grad_rel_err"])
-        assert last["loss_inputs"] == (["HeadInputs"] if "fused" in name else ["Tensor"])
+            assert max(row["grad_rel_err"].values()) < 1e-5, (name, row["grad_rel_err"])
+        assert last["loss_inputs"] == (["Tensor"] if "logits" in name else ["HeadInputs"])
         for key, want in last["ref_metrics"].items():
             assert last["metrics"][key] == pytest.approx(want, rel=1e-5, abs=1e-7), (name, key)
 
@@ -56,6 +62,10 @@ def test_fused_head_layer_and_loss_in_one_process():
     logits = head.eval()(hidden)
     assert isinstance(head.train()(hidden), HeadInputs) and logits.shape == (2, 5, 13)
     assert fused.item() == pytest.approx(loss_fn(logits, labels).item(), rel=1e-6)
+    embedding = torch.nn.Embedding(13, 8)
+    tied = loss_fn(tied_head(embedding.train(), hidden), labels)
+    assert tied.item() == pytest.approx(
+        loss_fn(tied_head(embedding.eval(), hidden), labels).item(), rel=1e-6)
     with pytest.raises(TypeError, match="logits or FusedLMHead"):
         loss_fn([logits], labels)
     with pytest.raises(TypeError, match="not a deepspeed.pipe.PipelineModule"):

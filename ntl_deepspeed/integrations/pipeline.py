@@ -4,7 +4,7 @@ last stage.
     metrics = NTLMetrics()
     loss_fn = PipelineNTLLoss(vocab, NTLConfig(weight=0.3), on_output=metrics)
     module = PipelineModule(layers=[..., LayerSpec(FusedLMHead, hidden, vocab_size)],
-                            loss_fn=loss_fn, num_stages=2)
+                            loss_fn=loss_fn, num_stages=2)   # tied embeddings: tied_head
     loss_fn.bind(module)               # its DP group: normalization="global", metrics
     engine, *_ = deepspeed.initialize(model=module, config=ds_config, ...)  # ZeRO stage <= 1
     loss = engine.train_batch(data_iter)          # data_iter yields (inputs, shifted labels)
@@ -57,6 +57,17 @@ class FusedLMHead(torch.nn.Module):
         if self.training:
             return HeadInputs(hidden, self.weight, self.bias)
         return F.linear(hidden, self.weight, self.bias)
+
+
+def tied_head(embedding: torch.nn.Module, hidden: torch.Tensor):
+    """``forward_fn`` of a ``TiedLayerSpec`` that reuses the input embedding as the LM head
+    (tied weights): :class:`HeadInputs` in training, logits in eval mode.
+
+        TiedLayerSpec("embed", torch.nn.Embedding, vocab_size, hidden, forward_fn=tied_head)
+    """
+    if embedding.training:
+        return HeadInputs(hidden, embedding.weight, None)
+    return F.linear(hidden, embedding.weight)
 
 
 class PipelineNTLLoss:

@@ -22,16 +22,19 @@ import deepspeed  # noqa: E402
 
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss  # noqa: E402
 from ntl_deepspeed.integrations.deepspeed import skip_shm_comm_build  # noqa: E402
-from ntl_deepspeed.integrations.pipeline import FusedLMHead, PipelineNTLLoss  # noqa: E402
+from ntl_deepspeed.integrations.pipeline import (FusedLMHead, PipelineNTLLoss,  # noqa: E402
+                                                 tied_head)
 from ntl_deepspeed.metrics import NTLMetrics  # noqa: E402
 from tiny_llama import TOKENS, VOCAB  # noqa: E402
 
 HIDDEN, SEQ, MICRO, GAS = 32, 12, 2, 2
 LR = 1e3  # gradient = (old - new) / LR: a large step keeps fp32 rounding ~eps of the gradient
-# (name, ZeRO stage, fused head, NTL section)
-CASES = [("zero0_logits", 0, False, {"normalization": "micro_batch"}),
-         ("zero1_fused", 1, True, {"normalization": "token"}),
-         ("zero1_fused_global_mse", 1, True, {"normalization": "global", "kind": "mse"})]
+# (name, ZeRO stage, head: logits | fused | tied (fused head on the input embedding), NTL)
+CASES = [("zero0_logits", 0, "logits", {"normalization": "micro_batch"}),
+         ("zero1_fused", 1, "fused", {"normalization": "token"}),
+         ("zero1_fused_global_mse", 1, "fused", {"normalization": "global", "kind": "mse"}),
+         ("zero0_tied", 0, "tied", {"normalization": "micro_batch"})]
+TIED = "tied_modules.embed."  # a TiedLayerSpec's parameters in the PipelineModule
 
 
 class Block(torch.nn.Module):
@@ -44,16 +47,35 @@ class Block(torch.nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
-def layers(fused: bool = False):
-    """The model's layers (same seed: same weights); ``fused``: the head as a LayerSpec of
-    FusedLMHead, built on the last stage only (its weight is copied in by ``run_case``)."""
-    from deepspeed.pipe import LayerSpec
+def layers(head: str = "logits"):
+    """The model's layers (same seed: same weights). ``fused``: the head as a LayerSpec of
+    FusedLMHead; ``tied``: the embedding as a TiedLayerSpec, reused by the head through
+    ``tied_head`` (both built by PipelineModule; ``run_case`` copies the weights in)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     torch.manual_seed(0)
     body = [torch.nn.Embedding(VOCAB, HIDDEN), Block(), Block(), torch.nn.LayerNorm(HIDDEN)]
-    head = LayerSpec(FusedLMHead, HIDDEN, VOCAB) if fused else \
-        torch.nn.Linear(HIDDEN, VOCAB, bias=False)
-    return body + [head]
+    linear = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    if head == "fused":
+        return body + [LayerSpec(FusedLMHead, HIDDEN, VOCAB)]
+    if head == "tied":
+        embed = TiedLayerSpec("embed", torch.nn.Embedding, VOCAB, HIDDEN)
+        return [embed] + body[1:] + [TiedLayerSpec("embed", torch.nn.Embedding, VOCAB, HIDDEN,
+                                                   forward_fn=tied_head)]
+    return body + [linear]
+
+
+class Unpipelined(torch.nn.Module):
+    """The reference: the same layers in one process; ``tied``: logits on the embedding."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.layers = torch.nn.Sequential(*layers()[:4 if tied else 5])
+        self.tied = tied
+
+    def forward(self, inputs):
+        h = self.layers(inputs)
+        return F.linear(h, self.layers[0].weight) if self.tied else h
 
 
 def micro_batches():
@@ -69,9 +91,10 @@ def micro_batches():
     return out
 
 
-def reference(ntl, batches):
-    """The unpipelined model: loss (mean over micro-batches), metrics, parameter gradients."""
-    model = torch.nn.Sequential(*layers())
+def reference(ntl, batches, tied):
+    """The unpipelined model: loss (mean over micro-batches), metrics, parameter gradients
+    by the pipeline's parameter names."""
+    model = Unpipelined(tied)
     vocab = NumberVocab.from_tokens(TOKENS)
     kind = ntl.get("kind", "was")
     losses, all_logits, all_labels = [], [], []
@@ -99,7 +122,7 @@ def reference(ntl, batches):
                / is_number.sum().item(),
                "number_mae": ((y_hat - y).abs() * is_number).sum().item() / is_number.sum().item()}
     return {"loss": loss.item(), "metrics": metrics,
-            "grads": [p.grad.clone() for p in model.parameters()]}
+            "grads": {n.split(".", 1)[1]: p.grad.clone() for n, p in model.named_parameters()}}
 
 
 class RecordingLoss(PipelineNTLLoss):
@@ -112,44 +135,39 @@ class RecordingLoss(PipelineNTLLoss):
         return super().__call__(outputs, labels)
 
 
-def run_case(name, stage, fused, ntl, batches):
+def run_case(name, stage, head, ntl, batches):
     from deepspeed.pipe import PipelineModule
 
-    ref = reference(ntl, batches)
+    ref = reference(ntl, batches, head == "tied")
     metrics = NTLMetrics()
     loss_fn = RecordingLoss(NumberVocab.from_tokens(TOKENS),
-                              NTLConfig.from_dict({"weight": 0.3, "kind": "was", **ntl}),
-                              on_output=metrics)
-    module = PipelineModule(layers=layers(fused), loss_fn=loss_fn, num_stages=2,
+                            NTLConfig.from_dict({"weight": 0.3, "kind": "was", **ntl}),
+                            on_output=metrics)
+    module = PipelineModule(layers=layers(head), loss_fn=loss_fn, num_stages=2,
                             partition_method="uniform")
     loss_fn.bind(module)
-    if fused and isinstance(module.forward_funcs[-1], FusedLMHead):  # the last stage
-        with torch.no_grad():
-            module.forward_funcs[-1].weight.copy_(layers()[-1].weight)
+    reference_weights = dict(torch.nn.Sequential(*layers()).named_parameters())
+    with torch.no_grad():  # the layers PipelineModule built: the reference's weights
+        for n, p in module.named_parameters():
+            if n.startswith(TIED):
+                p.copy_(reference_weights["0." + n[len(TIED):]])
+            elif head == "fused" and n == "4.weight":
+                p.copy_(reference_weights[n])
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
               "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0,
               "zero_allow_untested_optimizer": True, "steps_per_print": 1000,
               "optimizer": {"type": "SGD", "params": {"lr": LR}}}
     engine, *_ = deepspeed.initialize(model=module, config=config,
                                       model_parameters=module.parameters())
-    before = [p.detach().clone() for p in module.parameters()]
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
     loss = engine.train_batch(iter(batches))
-    # this stage holds layers parts[s]:parts[s+1] of the list
-    first = module.parts[engine.stage_id]
-    full = [p for layer in layers() for p in layer.parameters()]  # shapes, in order
-    index, offset = [], 0
-    for i, layer in enumerate(layers()):
-        n = len(list(layer.parameters()))
-        if module.parts[engine.stage_id] <= i < module.parts[engine.stage_id + 1]:
-            index += range(offset, offset + n)
-        offset += n
-    errors = []
-    for k, (old, p) in zip(index, zip(before, module.parameters())):
-        grad, want = (old - p.detach()) / LR, ref["grads"][k]
-        assert grad.shape == want.shape == full[k].shape
-        errors.append(((grad - want).abs().max() / want.abs().max()).item())
-    row = {"stage": engine.stage_id, "first_layer": first, "loss": float(loss),
-           "ref_loss": ref["loss"], "grad_rel_err": errors, "n_params": len(errors)}
+    errors = {}
+    for n, p in module.named_parameters():  # pipeline name -> the reference's
+        grad = (before[n] - p.detach()) / LR
+        want = ref["grads"]["0." + n[len(TIED):] if n.startswith(TIED) else n]
+        errors[n] = ((grad - want).abs().max() / want.abs().max()).item()
+    row = {"stage": engine.stage_id, "first_layer": module.parts[engine.stage_id],
+           "loss": float(loss), "ref_loss": ref["loss"], "grad_rel_err": errors}
     if engine.is_last_stage():
         row["metrics"] = metrics.reduce(loss_fn.dp_group)
         row["ref_metrics"] = ref["metrics"]
@@ -166,8 +184,8 @@ def main():
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
     batches = micro_batches()
-    result = {name: run_case(name, stage, fused, ntl, copy.deepcopy(batches))
-              for name, stage, fused, ntl in CASES}
+    result = {name: run_case(name, stage, head, ntl, copy.deepcopy(batches))
+              for name, stage, head, ntl in CASES}
     with open(f"{args.out}.{dist.get_rank()}", "w") as f:
         json.dump(result, f)
     dist.barrier()
