@@ -16,7 +16,7 @@ from .ops.hidden import Blocking, hidden_statistics
 from .ops.logits import logits_statistics
 from .ops.math import reweigh
 from .ops.statistics import OpSpec, PerToken
-from .parallel import group_size
+from .parallel import SequenceParallel, group_size
 
 
 @dataclass
@@ -44,7 +44,8 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
            hidden: Optional[torch.Tensor] = None, head_weight: Optional[torch.Tensor] = None,
            head_bias: Optional[torch.Tensor] = None,
            loss_weights: Optional[torch.Tensor] = None, reduction: str = "mean",
-           dp_group=None, gemm_dtype: Optional[torch.dtype] = None) -> CENTLOutput:
+           dp_group=None, gemm_dtype: Optional[torch.dtype] = None,
+           sp_group=None, sp_grads_averaged: bool = False) -> CENTLOutput:
     """CE + ``config.weight`` * NTL, from this rank's ``logits`` ``[..., V_local]``, or from
     ``hidden`` ``[..., H]`` and this rank's rows of the LM head ``head_weight`` ``[V_local, H]``
     (+ ``head_bias``) without materialising the logits (``config.fused_block_size`` /
@@ -58,6 +59,15 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
     shard's group in forward (see :mod:`ntl_deepspeed.ops.statistics`), plus one on ``dp_group``
     for ``normalization='global'``; none in backward. No host synchronisation unless
     ``config.check_inputs`` / ``check_finite``.
+
+    Sequence parallelism (``sp_group``: the ranks holding slices of the same sequences, e.g.
+    DeepSpeed Ulysses; ``dp_group`` then spans data x sequence parallel ranks): see
+    :func:`normalise` -- one more all-reduce of 4 floats on ``sp_group`` in forward
+    (``reduction="mean"``; ``"sum"``/``"none"`` stay this rank's tokens). ``out.loss``,
+    ``out.ce``, ``out.ntl`` are then the whole micro-batch's values, with this rank's share as
+    their gradient.
+    ``sp_grads_averaged``: the framework averages gradients over ``sp_group`` (DeepSpeed ZeRO-3)
+    instead of summing them (ZeRO 0-2).
     """
     config = config or NTLConfig()
     if (logits is None) == (hidden is None) or (hidden is None) != (head_weight is None):
@@ -86,7 +96,7 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
         per_token = hidden_statistics(hidden, head_weight, head_bias, labels, shard, spec,
                                       blocking)
     return reduce_per_token(PerToken(*per_token), labels, shard, config, loss_weights,
-                            reduction, dp_group)
+                            reduction, dp_group, SequenceParallel.of(sp_group, sp_grads_averaged))
 
 
 def _number_level(labels, shard: VocabShard, config: NTLConfig, per_token: PerToken,
@@ -108,23 +118,59 @@ def _number_level(labels, shard: VocabShard, config: NTLConfig, per_token: PerTo
     return torch.where(start, loss.reshape(labels.shape), torch.zeros_like(per_token.yhat)), start
 
 
-def _global_count(count: torch.Tensor, dp_group):
-    """(count summed over ``dp_group``, its size)."""
+def normalise(ce_sum, ntl_sum, ce_count, ntl_count, normalization: str, dp_group,
+              sp: Optional[SequenceParallel] = None):
+    """(CE, NTL) of ``reduction="mean"``: the one normalisation rule for every layout.
+
+    The denominators are those of the *whole micro-batch* (all its TP shards and SP slices):
+    CE per valid token; NTL per number label (``micro_batch``), per valid token (``token``), or
+    per number label of the whole DP batch (``global``: counted over ``dp_group``, scaled by the
+    number of DP replicas because DeepSpeed/Megatron average gradients over them). Under
+    sequence parallelism each rank's sums cover its slice only: the counts (and, for the value,
+    the sums) are all-reduced over ``sp.group`` -- one all-reduce of 4 floats -- and each rank
+    back-propagates only its share (values: the whole micro-batch's, identical on the SP ranks).
+    """
+    eps = torch.finfo(ce_sum.dtype).eps
+    if sp is not None:
+        totals = sp.sum(torch.stack([ce_count, ntl_count, ce_sum, ntl_sum]).detach())
+        ce_count_mb, ntl_count_mb = totals[0], totals[1]
+    else:
+        ce_count_mb, ntl_count_mb = ce_count, ntl_count
+    ce_den = ce_count_mb.clamp_min(eps)
+    ntl_scale = 1
+    if normalization == "micro_batch":
+        ntl_den = ntl_count_mb.clamp_min(eps)
+    elif normalization == "token":
+        ntl_den = ce_den
+    else:  # global
+        ntl_den, ntl_scale = _replica_count(ntl_count, dp_group, sp)
+    ce_r, ntl_r = ce_sum / ce_den, ntl_sum * ntl_scale / ntl_den
+    if sp is None:
+        return ce_r, ntl_r
+    return sp.share(ce_r, totals[2] / ce_den), sp.share(ntl_r, totals[3] * ntl_scale / ntl_den)
+
+
+def _replica_count(count: torch.Tensor, dp_group, sp: Optional[SequenceParallel]):
+    """(``count`` summed over ``dp_group`` clamped > 0, number of DP replicas in it)."""
     size = group_size(dp_group)
+    replicas = size // sp.size if sp is not None else size
     if size == 1:
-        return count, 1
+        return count.clamp_min(torch.finfo(count.dtype).eps), 1
     total = count.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=dp_group)
-    return total, size
+    return total.clamp_min(torch.finfo(count.dtype).eps), replicas
 
 
 def reduce_per_token(per_token: PerToken, labels: torch.Tensor, shard: VocabShard,
-                     config: NTLConfig, loss_weights, reduction: str, dp_group) -> CENTLOutput:
+                     config: NTLConfig, loss_weights, reduction: str, dp_group,
+                     sp: Optional[SequenceParallel] = None) -> CENTLOutput:
     """Number-level assembly, weights and reductions on the op's per-token outputs."""
     ce, ntl = per_token.ce, per_token.ntl
     valid, is_number, label_value = label_targets(labels, shard.values, config.ignore_index)
     ntl_mask = is_number
     if config.enabled and config.kind == "number_level":
+        if sp is not None:
+            raise ValueError(SequenceParallel.NUMBER_LEVEL)
         ntl, ntl_mask = _number_level(labels, shard, config, per_token, is_number, label_value)
 
     w = torch.ones_like(ce) if loss_weights is None else loss_weights.to(ce.dtype)
@@ -136,16 +182,8 @@ def reduce_per_token(per_token: PerToken, labels: torch.Tensor, shard: VocabShar
     elif reduction == "sum":
         ce_r, ntl_r = (ce * ce_w).sum(), (ntl * ntl_w).sum()
     else:
-        eps = torch.finfo(ce.dtype).eps
-        ce_r = (ce * ce_w).sum() / ce_count.clamp_min(eps)
-        ntl_sum = (ntl * ntl_w).sum()
-        if config.normalization == "micro_batch":
-            ntl_r = ntl_sum / ntl_count.clamp_min(eps)
-        elif config.normalization == "token":
-            ntl_r = ntl_sum / ce_count.clamp_min(eps)
-        else:  # global: sum over DP / count over DP; x dp_size undoes DP gradient averaging
-            total, dp_size = _global_count(ntl_count, dp_group)
-            ntl_r = ntl_sum * dp_size / total.clamp_min(eps)
+        ce_r, ntl_r = normalise((ce * ce_w).sum(), (ntl * ntl_w).sum(), ce_count, ntl_count,
+                                config.normalization, dp_group, sp)
     return CENTLOutput(ce_r + config.active_weight * ntl_r, ce_r, ntl_r, ce, ntl,
                        per_token.yhat, per_token.mass, ntl_mask, valid, per_token.correct,
                        label_value, is_number, ntl_count, ce_count)

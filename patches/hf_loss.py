@@ -26,7 +26,9 @@ class HFLoss:
 
     ``tp_group`` / ``vocab_start_index``: a vocab-parallel head (DeepSpeed AutoTP's ``mp_group``
     and ``vocab_start_index``); ``dp_group`` for ``normalization="global"``; ``on_output``
-    receives every :class:`CENTLOutput` (metrics).
+    receives every :class:`CENTLOutput` (metrics). ``sp_group`` / ``sp_grads_averaged``:
+    sequence parallelism (DeepSpeed Ulysses; ``dp_group`` then spans the data x sequence
+    parallel ranks), see :func:`ntl_deepspeed.loss.normalise`.
 
     One ``"ntl"`` section means the same NTL strength everywhere. Without
     ``num_items_in_batch`` the loss is this micro-batch's ``CE + lambda * NTL`` (CE per valid
@@ -44,6 +46,8 @@ class HFLoss:
     vocab_start_index: Optional[int] = None
     dp_group: object = None
     on_output: Optional[Callable[[CENTLOutput], None]] = None
+    sp_group: object = None
+    sp_grads_averaged: bool = False
 
     def check_ignore_index(self, ignore_index: int) -> None:
         if ignore_index != self.config.ignore_index:
@@ -58,7 +62,8 @@ class HFLoss:
             shift_labels = shift_left(labels, self.config.ignore_index)
         shift_labels = shift_labels.to(device)
         shard = self.vocab.shard_for(width, self.tp_group, self.vocab_start_index, device)
-        out = ce_ntl(shift_labels, shard, self.config, dp_group=self.dp_group, **inputs)
+        out = ce_ntl(shift_labels, shard, self.config, dp_group=self.dp_group,
+                     sp_group=self.sp_group, sp_grads_averaged=self.sp_grads_averaged, **inputs)
         record_ce_ntl_flops(shift_labels.numel(), width, shard.number_ids.numel())
         if self.on_output is not None:
             self.on_output(out)

@@ -42,9 +42,12 @@ _model_patches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def apply(vocab: NumberVocab, config: Optional[NTLConfig] = None, model=None, tp_group=None,
-          vocab_start_index: Optional[int] = None, dp_group=None, on_output=None) -> HFLoss:
-    """Install CE + lambda*NTL globally, or on ``model`` only. Returns the :class:`HFLoss`."""
-    loss = HFLoss(vocab, as_config(config), tp_group, vocab_start_index, dp_group, on_output)
+          vocab_start_index: Optional[int] = None, dp_group=None, on_output=None,
+          sp_group=None, sp_grads_averaged: bool = False) -> HFLoss:
+    """Install CE + lambda*NTL globally, or on ``model`` only. Returns the :class:`HFLoss`
+    (``sp_group``/``sp_grads_averaged``: sequence parallelism, see :class:`HFLoss`)."""
+    loss = HFLoss(vocab, as_config(config), tp_group, vocab_start_index, dp_group, on_output,
+                  sp_group, sp_grads_averaged)
     if model is None:
         patch, slot = _global_patch, Slot(_mapping(), "ForCausalLM", item=True)
     else:

@@ -18,7 +18,10 @@ import torch
 from ..config import NTLConfig, as_config, read_json_object
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
+from ..parallel import group_size
 from .flops import book_into_root
+from .sequence_parallel import (check_config_has_groups, check_sequence_parallel,
+                                sequence_parallel_groups, zero3_partitioned)
 
 REQUIRED_DEEPSPEED = "0.19.8"  # the vocab-parallel AutoTP head exists only there
 
@@ -76,11 +79,13 @@ def skip_shm_comm_build() -> None:
 @dataclass
 class Layout:
     """How the model is laid out: the vocab-parallel head's group and first id (None without
-    tensor parallelism) and the data-parallel group (None: one process)."""
+    tensor parallelism), the data-parallel group (None: one process; under sequence parallelism
+    the data x sequence parallel group) and the sequence-parallel group (None: no SP)."""
 
     tp_group: Any
     vocab_start_index: Optional[int]
     dp_group: Any
+    sp_group: Any = None
 
 
 def model_layout(model) -> Layout:
@@ -91,10 +96,14 @@ def model_layout(model) -> Layout:
 
     head = model.get_output_embeddings()
     start = getattr(head, "vocab_start_index", None)
+    sp = sequence_parallel_groups()
     if start is not None and getattr(head, "mp_group", None) is not None:
         from deepspeed.utils import groups
 
-        return Layout(head.mp_group, int(start), groups.get_data_parallel_group())
+        return Layout(head.mp_group, int(start), groups.get_data_parallel_group(),
+                      sp.sp_group if sp else None)
+    if sp is not None:
+        return Layout(None, None, sp.seq_dp_group, sp.sp_group)
     return Layout(None, None, dist.group.WORLD if dist.is_initialized() else None)
 
 
@@ -164,14 +173,18 @@ def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None
     vocab = vocab or number_vocab(model, tokenizer, config)
     check_half_precision(engine_or_model, vocab, config)
     layout = model_layout(model)
+    check_sequence_parallel(config, group_size(layout.sp_group),
+                            vocab_parallel_head=layout.tp_group is not None)
     loss = HFLoss(vocab, config, layout.tp_group, layout.vocab_start_index, layout.dp_group,
-                  on_output if config.log_metrics else None)
+                  on_output if config.log_metrics else None, layout.sp_group,
+                  layout.sp_group is not None and zero3_partitioned(engine_or_model))
     if config.fused_head:  # the loss runs inside lm_head, where ZeRO-3 gathers its weight
         loss.remove = fused_head.install(model, loss).remove
     else:
         hf.apply(vocab, config, model=model, tp_group=loss.tp_group,
                  vocab_start_index=loss.vocab_start_index, dp_group=loss.dp_group,
-                 on_output=loss.on_output)
+                 on_output=loss.on_output, sp_group=loss.sp_group,
+                 sp_grads_averaged=loss.sp_grads_averaged)
         loss.remove = lambda: hf.remove(model)
     book_into_root(model)  # flops profiler: see flops.py
     return loss
@@ -182,11 +195,16 @@ def initialize(model, config: Union[Dict[str, Any], str], tokenizer=None, *,
                on_output: Optional[Callable[[CENTLOutput], None]] = None, **deepspeed_kwargs):
     """A drop-in for ``deepspeed.initialize`` (same return value) that reads and validates the
     config's ``"ntl"`` section, strips it before DeepSpeed sees it, and installs NTL on the
-    engine (:func:`install`). ``model_parameters`` defaults to ``model.parameters()``."""
+    engine (:func:`install`). ``model_parameters`` defaults to ``model.parameters()``.
+    Ulysses sequence parallelism: pass ``mpu=`` (from ``register_with_transformers``) with
+    ``"sequence_parallel_size"`` in the config; the SP group is found from it."""
     import deepspeed
 
     ds_config, ntl = split_config(config)
     check_deepspeed_for_autotp(ds_config)
+    check_config_has_groups(ds_config, deepspeed_kwargs.get("mpu"))
+    check_sequence_parallel(ntl, int(ds_config.get("sequence_parallel_size", 1) or 1),
+                            vocab_parallel_head=autotp_size(ds_config) > 1)
     vocab = vocab or number_vocab(model, tokenizer, ntl)
     deepspeed_kwargs.setdefault("model_parameters", model.parameters())
     result = deepspeed.initialize(model=model, config=ds_config, **deepspeed_kwargs)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=_non_negative, default=200, help="optimizer steps")
     ap.add_argument("--seq-len", type=_positive, default=64,
                     help="tokens per sequence (blocks of seq-len + 1 tokens)")
+    ap.add_argument("--sequence-parallel", type=_positive, default=None, metavar="N",
+                    help="DeepSpeed Ulysses sequence parallelism: N ranks share each sequence; "
+                         "unset: the ds_config's \"sequence_parallel_size\", else 1")
 
     data = ap.add_argument_group("data")
     data.add_argument("--data", nargs="+", default=None, metavar="PATH",

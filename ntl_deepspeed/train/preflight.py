@@ -72,6 +72,20 @@ def check_deepspeed_config(path: str, ntl_weight: Optional[float] = None) -> Non
             raise PreflightError(f"{path}: {e}") from None
 
 
+def check_sequence_parallel(args) -> None:
+    """``--sequence-parallel`` / ``"sequence_parallel_size"``: agreement and the options it
+    does not combine with (the world size is checked once the ranks run)."""
+    from ..integrations.deepspeed import autotp_size, split_config
+    from .sequence_parallel import check_arguments, sequence_parallel_size
+
+    ds_config = split_config(args.deepspeed_config)[0]
+    try:
+        size = sequence_parallel_size(args, ds_config)
+        check_arguments(args, size, args.seq_len, size, autotp_size(ds_config))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_model_config(path: str) -> None:
     config = _read_json(path, "--model")
     if "model_type" in config:  # default: llama
@@ -109,6 +123,7 @@ def check(argv: Optional[Sequence[str]] = None) -> None:
     """Raise :class:`PreflightError` on the first problem of a trainer command line."""
     args = _parse(argv)
     check_deepspeed_config(args.deepspeed_config, args.ntl_weight)
+    check_sequence_parallel(args)
     check_model_config(args.model)
     for option in ("data", "eval_data"):
         if getattr(args, option, None):

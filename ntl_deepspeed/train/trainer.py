@@ -17,7 +17,7 @@ from ..integrations.deepspeed import (autotp_size, check_deepspeed_for_autotp, i
 from ..numbers import NumberVocab
 from ..numbers.token_sources import read_pieces
 from ..metrics import NTLMetrics
-from . import checkpoint
+from . import checkpoint, sequence_parallel
 from .data.sources import build_data
 from .divergence import DivergenceGuard
 from .evaluation import Evaluator
@@ -48,9 +48,11 @@ def shared_corpus_tokenizer(seed: int) -> str:
     return train_tokenizer(seed=seed)
 
 
-def build_engine(model_config_path: str, vocab_size: int, ds_config: dict):
+def build_engine(model_config_path: str, vocab_size: int, ds_config: dict, sp_size: int = 1,
+                 seq_len: Optional[int] = None):
     """A causal LM from a model config JSON under ZeRO-3's ``zero.Init`` (through
-    ``HfDeepSpeedConfig``, which keeps HF's initialisation; keep it alive) and its engine."""
+    ``HfDeepSpeedConfig``, which keeps HF's initialisation; keep it alive), its engine, and the
+    Ulysses ``mpu`` (None without sequence parallelism)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -59,9 +61,13 @@ def build_engine(model_config_path: str, vocab_size: int, ds_config: dict):
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_config(model_config(model_config_path, vocab_size))
+    mpu = None
+    if sp_size > 1:
+        mpu = sequence_parallel.register(model, sp_size,
+                                         ds_config["train_micro_batch_size_per_gpu"], seq_len)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config)
-    return engine, hf_ds_config
+                                      config=ds_config, mpu=mpu)
+    return engine, hf_ds_config, mpu
 
 
 def pad_vocab(size: int, multiple: int) -> int:
@@ -103,6 +109,7 @@ class Trainer:
     generation: dict = None   # --generate-eval result (rank 0)
     started_at: float = field(default_factory=time.time)
     last_checkpoint: str = None  # the newest complete checkpoint (saved or resumed from)
+    slicer: object = None        # sequence parallelism: this rank's slice of each micro-batch
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -112,13 +119,19 @@ class Trainer:
             ntl = ntl.replace(weight=args.ntl_weight)
         check_deepspeed_for_autotp(ds_config)
         ds_config = redirect_monitors(ds_config, args.output_dir)  # all output in --output-dir
+        sp_size = sequence_parallel.sequence_parallel_size(args, ds_config)
+        if sp_size > 1:
+            ds_config = {**ds_config, "sequence_parallel_size": sp_size}
         init_distributed(args.mpi, getattr(args, "dist_timeout", None))
+        sequence_parallel.check_arguments(args, sp_size, args.seq_len, dist.get_world_size(),
+                                          autotp_size(ds_config))
         tokenizer = args.tokenizer or shared_corpus_tokenizer(args.seed)
         pieces, tokenizer_size = read_pieces(tokenizer)  # read once: size, then numbers
         vocab_size = pad_vocab(tokenizer_size, 8 * autotp_size(ds_config))
         vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=vocab_size,
                             tokenizer_size=tokenizer_size)
-        engine, hf_ds_config = build_engine(args.model, vocab_size, ds_config)
+        engine, hf_ds_config, mpu = build_engine(args.model, vocab_size, ds_config, sp_size,
+                                                 args.seq_len)
         trainer = cls(args, engine, ds_config, ntl, vocab, None, None, 0, 1,
                       autotp_size(ds_config), hf_ds_config, NTLMetrics(engine.device))
         layout = model_layout(engine.module)
@@ -130,6 +143,9 @@ class Trainer:
             install(engine, config=ntl, vocab=vocab, on_output=trainer.metrics)
         trainer.dp_rank = dist.get_rank(trainer.dp_group)
         trainer.dp_size = dist.get_world_size(trainer.dp_group)
+        trainer.slicer = sequence_parallel.SequenceSlicer.from_mpu(mpu)
+        if trainer.slicer is not None:  # the ranks of an SP group read the same blocks
+            trainer.dp_rank, trainer.dp_size = sequence_parallel.data_replica(sp_size)
         trainer.tokenizer = tokenizer
         trainer.data, eval_batches = build_data(args, tokenizer, trainer.dp_rank, trainer.dp_size,
                                                 engine.train_micro_batch_size_per_gpu(),
@@ -165,17 +181,20 @@ class Trainer:
             losses, tokens = [], 0
             for micro in range(gas):
                 ids = self.batch(step * gas + micro).to(self.engine.device)
-                loss = _debug_nan(self.engine(input_ids=ids, labels=ids).loss, step)
+                inputs = dict(input_ids=ids, labels=ids) if self.slicer is None else \
+                    self.slicer(ids)
+                loss = _debug_nan(self.engine(**inputs).loss, step)
                 self.engine.backward(loss)
                 self.engine.step()
                 losses.append(loss.detach())
-                tokens += ids.numel()
+                tokens += inputs["input_ids"].numel()
             _debug_exit(step)
             # the one host read of the step: losses and metrics, summed over DP ranks
             row = self.metrics.reduce(self.dp_group, loss=torch.stack(losses).mean(),
                                       tokens=tokens)
             seconds = time.perf_counter() - t0
-            row = {"step": step, "step_s": seconds, "loss": row.pop("loss") / self.dp_size,
+            row = {"step": step, "step_s": seconds,
+                   "loss": row.pop("loss") / dist.get_world_size(self.dp_group),
                    "tokens_per_s": row.pop("tokens") / max(seconds, 1e-9), **row}
             if self.args.plain_ce:
                 row["ce"] = row["loss"]  # the model's own loss is the CE
@@ -213,7 +232,9 @@ class Trainer:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         if dist.get_rank() == 0:
             info = {"parameters": params, "world_size": dist.get_world_size(),
-                    "tp_size": self.tp_size, "peak_rss_mb_max_rank": rss[0].item(),
+                    "tp_size": self.tp_size,
+                    "sp_size": self.slicer.size if self.slicer is not None else 1,
+                    "peak_rss_mb_max_rank": rss[0].item(),
                     "peak_rss_mb_sum": rss[1].item()}
             with open(os.path.join(self.args.output_dir, "run_info.json"), "w") as f:
                 json.dump(info, f, indent=2)
