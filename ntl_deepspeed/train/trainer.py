@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import NTLConfig
-from ..integrations.deepspeed import (autotp_size, check_deepspeed_for_autotp, install,
+from ..integrations.deepspeed import (autotp_size, check_autotp_world,
+                                      check_deepspeed_for_autotp, install,
                                       model_layout, skip_shm_comm_build, split_config)
 from ..numbers import NumberVocab
 from ..numbers.token_sources import read_pieces
@@ -130,6 +131,7 @@ class Trainer:
         check_deepspeed_for_autotp(ds_config)
         ds_config = redirect_monitors(ds_config, args.output_dir)  # all output in --output-dir
         init_distributed(args.mpi, getattr(args, "dist_timeout", None))
+        check_autotp_world(ds_config)
         tokenizer = args.tokenizer or shared_corpus_tokenizer(args.seed)
         pieces, tokenizer_size = read_pieces(tokenizer)  # read once: size, then numbers
         vocab_size = pad_vocab(tokenizer_size, 8 * autotp_size(ds_config))
