@@ -69,7 +69,8 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
     check_config_fits_vocab(config, shard.vocab if isinstance(shard, VocabShard) else shard)
     if (logits is None) == (hidden is None) or (hidden is None) != (head_weight is None):
         raise TypeError("ce_ntl takes logits=..., or hidden=... with head_weight=...")
-    check_label_dtype(labels)
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
     parallel = isinstance(shard, VocabShard) and shard.parallel
     try:  # checks of this rank's own arguments: a tensor-parallel rank failing one alone
         shard = _checked_shard(labels, shard, config, logits, hidden, head_weight, head_bias,
@@ -100,6 +101,7 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
 def _checked_shard(labels, shard, config: NTLConfig, logits, hidden, head_weight, head_bias,
                    loss_weights, reduction: str, gemm_dtype) -> VocabShard:
     """Shapes, types and number range of this rank's arguments (host facts only); the shard."""
+    check_label_dtype(labels)
     if logits is not None:
         check_logits(logits, labels)
         width, device, dtype = logits.shape[-1], logits.device, logits.dtype

@@ -58,11 +58,6 @@ def worker_inconsistent_ranks(rank, world):
     # 3) different options: reweigh on rank 1 only; a different weight
     both_modes(labels, part, NTLConfig(reweigh=rank == 1), "disagree on their NTL options")
     both_modes(labels, part, NTLConfig(weight=0.3 + 0.1 * rank), "disagree on their NTL options")
-    # 4) different token counts (the collectives would differ in size): check_inputs sends the
-    # fixed-size header alone first, so every rank raises the same clear error
-    n = 12 - 2 * rank
-    with pytest.raises(ValueError, match=r"disagree on their token counts: \{0: 12, 1: 10\}"):
-        ce_ntl(labels.view(-1)[:n], shard, checked, logits=part.reshape(12, -1)[:n])
     # 5) the fused path carries the same header
     hidden = torch.randn(12, 8, generator=g)
     head = torch.randn(V, 8, generator=g)[shard.start:shard.end]
@@ -75,6 +70,91 @@ def worker_inconsistent_ranks(rank, world):
 
 def test_inconsistent_tensor_parallel_ranks_raise_the_same_error_everywhere():
     run_distributed(worker_inconsistent_ranks, 2, timeout=120)
+
+
+PG_TIMEOUT = 10.0  # a rank left waiting in a collective would fail only after this
+
+
+def raises_promptly(expected, match, call, limit=PG_TIMEOUT / 2):
+    """``call()`` raises ``expected`` matching ``match`` well before the process-group timeout
+    (a rank waiting for one that raised alone would fail only at the timeout). Returns it."""
+    t0 = time.monotonic()
+    with pytest.raises(expected, match=match) as info:
+        call()
+    elapsed = time.monotonic() - t0
+    assert elapsed < limit, f"took {elapsed:.1f} s: a rank waited in a collective"
+    return info.value
+
+
+def worker_one_rank_fails_alone(rank, world):
+    """Each case: one rank's inputs or options differ; every rank must raise the same error,
+    within seconds, and the group must stay in step afterwards."""
+    vocab = tp_vocab()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, V, generator=g)
+    labels = torch.randint(0, V, (2, 6), generator=g)
+    hidden, head = torch.randn(2, 6, 8, generator=g), torch.randn(V, 8, generator=g)
+    shard = vocab.shard_for((V + 1) // 2 if rank == 0 else V // 2, dist.group.WORLD)
+    part, head_part = logits[..., shard.start:shard.end], head[shard.start:shard.end]
+    checked = NTLConfig(check_inputs=True)
+    bad_label = labels.clone()
+    if rank == 1:
+        bad_label[0, 2] = V + 5
+    local = "a tensor-parallel rank failed its local input check"
+
+    # 1) a label id outside the vocab on rank 1 only: default (device-side verdict in the
+    # header, no host sync), check_inputs (named rank), fused head
+    raises_promptly(RuntimeError, f"{local}: a label id outside the vocabulary",
+                    lambda: ce_ntl(bad_label, shard, logits=part))
+    raises_promptly(ValueError, r"tensor-parallel rank\(s\) \[1\] failed its local input check: "
+                                "a label id outside the vocabulary",
+                    lambda: ce_ntl(bad_label, shard, checked, logits=part))
+    raises_promptly(RuntimeError, f"{local}: a label id outside the vocabulary",
+                    lambda: ce_ntl(bad_label, shard, hidden=hidden, head_weight=head_part))
+    # 2) a negative loss weight on rank 0 only
+    weights = torch.ones(2, 6)
+    weights[1, 1] = -1.0 if rank == 0 else 1.0
+    raises_promptly(RuntimeError, f"{local}: loss_weights negative or not finite",
+                    lambda: ce_ntl(labels, shard, logits=part, loss_weights=weights))
+    # 3) a shape error on rank 1 only (its logits one column short), found before the op: the
+    # rank joins the first collective with its verdict; its own error is the cause
+    short = part[..., :-1] if rank == 1 else part
+    err = raises_promptly(RuntimeError, f"{local}: its arguments",
+                          lambda: ce_ntl(labels, shard, logits=short))
+    if rank == 1:
+        assert "columns wide but the logits have" in str(err.__cause__)
+    raises_promptly(ValueError, r"rank\(s\) \[1\] failed its local input check: its arguments",
+                    lambda: ce_ntl(labels, shard, checked, logits=short))
+    # float labels on rank 0 only
+    odd = labels.float() if rank == 0 else labels
+    raises_promptly(RuntimeError, f"{local}: its arguments", lambda: ce_ntl(odd, shard,
+                                                                             logits=part))
+    # 4) options that used to change the collectives: check_inputs / check_finite on one rank
+    mode = "tensor-parallel ranks use different check modes"
+    raises_promptly(RuntimeError, mode, lambda: ce_ntl(
+        labels, shard, NTLConfig(check_inputs=rank == 1), logits=part))
+    raises_promptly(RuntimeError, mode, lambda: ce_ntl(
+        labels, shard, NTLConfig(check_finite=rank == 0), hidden=hidden, head_weight=head_part))
+    # normalization="global" on one rank of a tensor-parallel group: the options fingerprint
+    raises_promptly(RuntimeError, "different labels, token counts, NTL options", lambda: ce_ntl(
+        labels, shard, NTLConfig(normalization="global" if rank == 0 else "micro_batch"),
+        logits=part, dp_group=None))
+    # ... and on one data-parallel rank: refused once at setup (install / initialize / our
+    # trainer), naming the field and the ranks
+    from ntl_deepspeed.integrations.deepspeed import check_ranks_agree
+
+    raises_promptly(ValueError, r"different ntl settings: normalization: \{0: 'global', 1: "
+                                r"'micro_batch'\} \(per rank\)", lambda: check_ranks_agree(
+        NTLConfig(normalization="global" if rank == 0 else "micro_batch"), vocab))
+    check_ranks_agree(NTLConfig(normalization="global"), vocab)
+    # the group is still in step: consistent calls work, and match the unsharded loss
+    whole = ce_ntl(labels, vocab, logits=logits)
+    for config in (NTLConfig(), checked):
+        torch.testing.assert_close(ce_ntl(labels, shard, config, logits=part).loss, whole.loss)
+
+
+def test_one_rank_failing_or_differing_alone_raises_the_same_error_everywhere_promptly():
+    run_distributed(worker_one_rank_fails_alone, 2, timeout=120, pg_timeout=PG_TIMEOUT)
 
 
 # ---------------------------------------------------------------------- numbers fp16/fp32 cannot hold
