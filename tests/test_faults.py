@@ -161,12 +161,25 @@ def test_one_rank_failing_or_differing_alone_raises_the_same_error_everywhere_pr
 def test_fp16_refuses_number_values_whose_ntl_gradient_overflows():
     tokens = [f"w{i}" for i in range(40)] + ["1000000", "5", "999999", "12", "250000", "1"]
     big = NumberVocab.from_tokens(tokens, mode="integers", vocab_size=48)
-    # measured: fp16 logits, MSE on values up to 1e6: the gradient overflows to inf
+    # measured: fp16 logits, MSE on values up to 1e6: the gradient overflows to inf (the
+    # op's own check is bypassed here to show it); the op now refuses from host values
     torch.manual_seed(0)
     logits = (torch.randn(4, 16, 48) * 2).half().requires_grad_()
     labels = torch.randint(40, 46, (4, 16))
-    ce_ntl(labels, big, NTLConfig(kind="mse", mode="integers"), logits=logits).loss.backward()
+    mse = NTLConfig(kind="mse", mode="integers")
+    big._representable.add((torch.float16, "mse", mse.weight, False, None))
+    ce_ntl(labels, big, mse, logits=logits).loss.backward()
     assert not torch.isfinite(logits.grad).all()
+    big._representable.clear()
+    named = r"largest: token '1000000', id 40, value 1e\+06\).*beyond torch\.float16"
+    for kind in ("mse", "was"):  # WAS: 0.3 * 1e6 > 65504 as well
+        with pytest.raises(ValueError, match=named):
+            ce_ntl(labels, big, NTLConfig(kind=kind, mode="integers"), logits=logits)
+    ce_ntl(labels, big, mse, logits=logits.float())  # fp32 / bf16: fine
+    ce_ntl(labels, big, mse, logits=logits.bfloat16())
+    hidden, head = torch.randn(4, 16, 8).half(), torch.randn(48, 8).half()
+    with pytest.raises(ValueError, match=named):  # the fused head: the hidden states' dtype
+        ce_ntl(labels, big, mse, hidden=hidden, head_weight=head)
     with pytest.raises(ValueError, match=r"kind='mse' .* valued 1\.\.1e\+06 .* up to 6e\+11 per "
                                          r"token, beyond torch\.float16's largest value 65504.*"
                                          r"bf16 or fp32.*kind='was'"):
@@ -197,6 +210,44 @@ def test_fp16_refuses_number_values_whose_ntl_gradient_overflows():
 
     with pytest.raises(ValueError, match="float16"):
         check_half_precision(FP16Engine(), vocab, NTLConfig(kind="mse", mode="integers"))
+
+
+@pytest.mark.parametrize("token,kind", [("1e20", "mse"), ("3e38", "was"), ("-2e38 2e38", "l1")])
+def test_float_tokens_whose_loss_overflows_float32_are_refused(token, kind):
+    """floats mode: values float32 holds, but the op's float32 sums or squares would not (the
+    loss came out inf). Refused before any math, from host values, in any logits dtype; a
+    single token of -2e38 with L1 stays finite and is accepted."""
+    tokens = ["a", "b", "1", "2.5", *token.split(), "7"]
+    lone = NumberVocab.from_tokens(["a", "b", "1", "2.5", "-2e38", "7"], mode="floats")
+    out = ce_ntl(torch.tensor([2, 4, 5]), lone, NTLConfig(kind="l1"), logits=torch.zeros(3, 6))
+    assert torch.isfinite(out.loss)
+    with pytest.warns(RuntimeWarning, match="rounded"):
+        vocab = NumberVocab.from_tokens(tokens, mode="floats")
+    logits = torch.zeros(3, len(tokens))
+    logits[:, 4] = 30.0 if kind == "l1" else 0.0  # L1: all mass on -2e38, the label is 2e38
+    labels = torch.tensor([2, len(tokens) - 2, 3])
+    config = NTLConfig(kind=kind, mode="floats")
+    vocab._representable.add((torch.float32, kind, config.weight, False, None))  # bypassed:
+    assert not torch.isfinite(ce_ntl(labels, vocab, config, logits=logits).loss)  # inf / NaN
+    vocab._representable.clear()
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"NTL kind='{kind}' .*largest: token '[-\de.]+', "
+                                             r"id \d.*float32 arithmetic reaches .*beyond "
+                                             r"float32's largest value"):
+            ce_ntl(labels, vocab, NTLConfig(kind=kind, mode="floats"), logits=logits.to(dtype))
+    out = ce_ntl(labels, vocab, NTLConfig(enabled=False), logits=logits)  # CE alone: fine
+    assert torch.isfinite(out.loss)
+
+
+def test_integer_token_beyond_any_float_is_named_and_left_out():
+    huge = "9" * 400  # float(int(...)) raised a bare OverflowError
+    with pytest.warns(RuntimeWarning, match=r"overflow float32 and are not treated as numbers: "
+                                            r"'9{48}'\.\.\. \(400 characters\) \(id 2\)"):
+        vocab = NumberVocab.from_tokens(["a", "7", huge, "\u2581" + huge, "12"], mode="integers")
+    assert vocab.number_ids.tolist() == [1, 4]
+    with pytest.warns(RuntimeWarning, match="'1e400'"):  # floats mode: named too, not dropped
+        vocab = NumberVocab.from_tokens(["a", "1e400", "inf", "nan", "3"], mode="floats")
+    assert vocab.number_ids.tolist() == [4]
 
 
 def test_number_tokens_float32_cannot_hold_are_named():

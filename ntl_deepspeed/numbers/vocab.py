@@ -61,7 +61,7 @@ def _as_float32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float64).float())
 
 
-def _shown(piece: str, limit: int = 24) -> str:
+def _shown(piece: str, limit: int = 48) -> str:
     """A token for a message: its repr, cut short (a tokenizer may hold a 400-digit token)."""
     return repr(piece) if len(piece) <= limit else \
         f"{piece[:limit]!r}... ({len(piece)} characters)"
@@ -242,14 +242,15 @@ class NumberVocab:
     def fp32_bound(self, kind: str = "was", reweigh: bool = False,
                    squash_factor: Optional[float] = None) -> float:
         """An upper bound of the op's float32 intermediates (it always computes in fp32): the
-        per-token sums ``sum_k p_k v_k`` and ``sum_k p_k D_k`` taken before normalising (up to
-        ``number tokens x max |v|`` and ``x span``), the loss and its unweighted gradient."""
+        per-token sums taken before normalising, ``sum_k e_k v_k`` and ``sum_k e_k D(v_k, y)``
+        with ``e_k <= 1`` (so at most ``sum_k |v_k|`` and ``sum_k max_y |v_k - y|``), the loss
+        and its unweighted gradient."""
+        v = self.number_values.double()
         vmin, vmax = self.value_range
-        n = self.number_ids.numel()
-        sums = n * max(abs(vmin), abs(vmax), 0.0 if squash_factor is None else
-                       float(squash_factor) if kind == "was" else 0.0)
-        if kind == "was" and squash_factor is None:
-            sums = max(sums, n * (vmax - vmin))
+        sums = float(v.abs().sum())
+        if kind == "was":
+            sums = max(sums, len(v) * float(squash_factor) if squash_factor is not None else
+                       float(torch.maximum((v - vmin).abs(), (v - vmax).abs()).sum()))
         return max(sums, self.gradient_bound(kind, 1.0, reweigh, squash_factor))
 
     def check_representable(self, dtype: torch.dtype, kind: str = "was", weight: float = 1.0,
