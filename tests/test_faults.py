@@ -338,6 +338,8 @@ def test_stalled_rank_fails_the_run_within_the_timeout(tmp_path):
         assert launcher.wait(timeout=60) != 0
         log = (tmp_path / "log.txt").read_text()
         assert "Timed out" in log or "timed out" in log, log[-3000:]
+        # before failing, rank 0 said what it was waiting in (after min(60 s, timeout / 3))
+        assert "[rank 0] no progress for 5 s: still in training step" in log, log[-3000:]
     finally:
         kill_all(list(ranks.values()))
         kill_all([launcher])
@@ -359,3 +361,60 @@ def test_killing_the_launcher_leaves_no_worker_training(tmp_path):
         assert time.monotonic() - killed_at < 10
     finally:
         kill_all(processes)
+
+
+def test_second_node_never_starting_is_said_and_fails_within_the_timeout(tmp_path):
+    """A two-node launch whose second node never starts: node 0's rank says what it waits for
+    (every rank at the rendezvous address), repeats it while waiting, and the launch fails after
+    --dist-timeout instead of waiting silently for torch's 30 minutes."""
+    import subprocess
+
+    from launch_utils import FAST, MODEL, ROOT, TINY, env
+    from dist_utils import free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port, timeout = free_port(), 12
+    cmd = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           f"{ROOT}/launch/pretrain.py", "--deepspeed_config", TINY, "--model", MODEL,
+           "--output-dir", str(tmp_path / "out"), *FAST, "--dist-timeout", str(timeout)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    elapsed = time.monotonic() - t0
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert (f"[rank 0, node 0] joining the process group: waiting for all 2 ranks to connect "
+            f"to 127.0.0.1:{port} (every node's launcher must be started); giving up after "
+            f"--dist-timeout {timeout} s") in log, log[-3000:]
+    assert "no progress for" in log and "still joining the process group" in log, log[-3000:]
+    assert "1/2 clients joined" in log, log[-3000:]  # torch's own error, after the timeout
+    assert elapsed < timeout + 60, elapsed  # start-up (imports) + the timeout, not 30 min
+
+
+def test_a_rank_without_progress_says_what_it_waits_for():
+    """The default --dist-timeout is 10 minutes (torch's is 30); a rank that makes no progress
+    says what it is doing after min(60 s, timeout / 3), again at each interval, never when
+    progressing."""
+    import io
+
+    from ntl_deepspeed.train.cli import DEFAULT_DIST_TIMEOUT, parse_args
+    from ntl_deepspeed.train.watchdog import Activity
+
+    assert parse_args(["--deepspeed_config", "ds.json", "--model", "m.json"]).dist_timeout \
+        == DEFAULT_DIST_TIMEOUT == 600
+    out = io.StringIO()
+    activity = Activity(timeout=1.5, rank="3", out=out)
+    assert activity.report_after == 1.0
+    try:
+        activity.now("in training step 7 (forward, backward, optimizer)")
+        time.sleep(2.6)
+        activity.now(None)
+        time.sleep(1.3)
+    finally:
+        activity.stop()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines  # at ~1 s and ~2 s, none once idle
+    assert lines[0] == ("[rank 3] no progress for 1 s: still in training step 7 (forward, "
+                        "backward, optimizer); if another rank is stalled or missing, the run "
+                        "fails after --dist-timeout 1.5 s"), lines
