@@ -143,7 +143,7 @@ class Activity:
             if reported == (what, since) and waited < self._next_report:
                 continue
             reported, self._next_report = (what, since), waited + self.report_after
-            print(f"[rank {self.rank}] no progress for {waited:.0f} s: still {what}; if "
+            print(f"[rank {self.rank}] no progress for {int(waited)} s: still {what}; if "
                   f"another rank is stalled or missing, the run fails after --dist-timeout "
                   f"{self.timeout:g} s", file=self.out, flush=True)
 
