@@ -165,6 +165,9 @@ def test_non_finite_inputs_with_check_finite(vocab, batch, head):
     logits = logits.clone()
     logits[0, 1, 3] = float("nan")
     logits[1, 0, 0] = float("inf")
+    # check_finite off (the default, no host sync): NaN in, NaN out -- as F.cross_entropy
+    ref = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))
+    assert torch.isnan(ref) and torch.isnan(ce_ntl(labels, vocab, logits=logits).loss)
     with pytest.raises(ValueError, match=r"logits contain 2 non-finite values"):
         ce_ntl(labels, vocab, NTLConfig(check_finite=True), logits=logits)
     hidden, weight = head

@@ -267,11 +267,33 @@ class NumberVocab:
         key = (dtype, kind, float(weight), bool(reweigh), squash_factor)
         if key in self._representable:
             return
+        fp32_max = torch.finfo(torch.float32).max
+        inner = self.fp32_bound(kind, reweigh, squash_factor)
+        if not inner < fp32_max:
+            raise ValueError(
+                f"{self._range_subject(kind, weight, reweigh)}: the loss's float32 arithmetic "
+                f"reaches {inner:.3g}, beyond float32's largest value {fp32_max:.6g}: the loss "
+                "would be inf or NaN in any dtype. Fix: " + ", or ".join(
+                    self._range_fixes(kind, squash_factor)
+                    + ["leave such tokens out of the number vocabulary"]))
+        limit = torch.finfo(dtype).max
+        bound = self.gradient_bound(kind, weight, reweigh, squash_factor)
+        if not bound < limit:
+            raise ValueError(
+                f"{self._range_subject(kind, weight, reweigh)} can give logit gradients up to "
+                f"{bound:.3g} per token, beyond {dtype}'s largest value {limit:.6g}: the "
+                "gradients would overflow to inf. Fix: " + ", or ".join(
+                    ["train in bf16 or fp32"] + self._range_fixes(kind, squash_factor)))
+        self._representable.add(key)
+
+    def _range_subject(self, kind: str, weight: float, reweigh: bool) -> str:
         vmin, vmax = self.value_range
         token_id, text, value = self.largest_token()
-        where = (f"NTL kind={kind!r} (weight {weight:g}{', reweigh' if reweigh else ''}) on "
-                 f"number tokens valued {vmin:g}..{vmax:g} (mode {self.mode!r}; largest: token "
-                 f"{_shown(text)}, id {token_id}, value {value:g})")
+        return (f"NTL kind={kind!r} (weight {weight:g}{', reweigh' if reweigh else ''}) on "
+                f"number tokens valued {vmin:g}..{vmax:g} (mode {self.mode!r}; largest: token "
+                f"{_shown(text)}, id {token_id}, value {value:g})")
+
+    def _range_fixes(self, kind: str, squash_factor: Optional[float]) -> List[str]:
         fixes = []
         if kind != "was":
             fixes.append("use kind='was' (gradients ~ the value span, not its square)")
@@ -279,21 +301,7 @@ class NumberVocab:
             fixes.append("set a squash_factor")
         if self.mode != "digits":
             fixes.append("use mode='digits'")
-        fp32_max = torch.finfo(torch.float32).max
-        inner = self.fp32_bound(kind, reweigh, squash_factor)
-        if not inner < fp32_max:
-            raise ValueError(f"{where}: the loss's float32 arithmetic reaches {inner:.3g}, beyond "
-                             f"float32's largest value {fp32_max:.6g}: the loss would be inf or "
-                             f"NaN in any dtype. Fix: " + ", or ".join(
-                                 fixes + ["leave such tokens out of the number vocabulary"]))
-        limit = torch.finfo(dtype).max
-        bound = self.gradient_bound(kind, weight, reweigh, squash_factor)
-        if not bound < limit:
-            raise ValueError(
-                f"{where} can give logit gradients up to {bound:.3g} per token, beyond {dtype}'s "
-                f"largest value {limit:.6g}: the gradients would overflow to inf. Fix: "
-                + ", or ".join(["train in bf16 or fp32"] + fixes))
-        self._representable.add(key)
+        return fixes
 
     @functools.cached_property
     def _distance_span(self) -> Optional[Tuple[float, float]]:
