@@ -6,6 +6,7 @@ import datetime
 import functools
 import os
 import socket
+import sys
 import time
 
 import torch.distributed as dist
@@ -30,6 +31,11 @@ def _entry(rank, world_size, port, fn, args, pg_timeout=60.0):
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown: gloo's threads sometimes abort a process there after
+    # all work is done (shared/FACTS.md); a failure above still raises (spawn reports it)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 240.0,

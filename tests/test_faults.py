@@ -13,7 +13,8 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from launch_utils import gone, kill_all, metrics, start, wait_for, workers
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl
-from ntl_deepspeed.integrations.deepspeed import check_half_precision, split_config
+from ntl_deepspeed.integrations.deepspeed import (check_half_precision, check_ranks_agree,
+                                                  split_config)
 from ntl_deepspeed.numbers.token_sources import read_pieces
 
 V = 37
@@ -142,8 +143,6 @@ def worker_one_rank_fails_alone(rank, world):
         logits=part, dp_group=None))
     # ... and on one data-parallel rank: refused once at setup (install / initialize / our
     # trainer), naming the field and the ranks
-    from ntl_deepspeed.integrations.deepspeed import check_ranks_agree
-
     raises_promptly(ValueError, r"different ntl settings: normalization: \{0: 'global', 1: "
                                 r"'micro_batch'\} \(per rank\)", lambda: check_ranks_agree(
         NTLConfig(normalization="global" if rank == 0 else "micro_batch"), vocab))
