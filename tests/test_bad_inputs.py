@@ -224,6 +224,12 @@ def test_wrong_types_at_the_front_door(vocab, batch, head, tmp_path):
     with pytest.raises(TypeError, match=r"vocab must be a NumberVocab, got VocabShard"):
         hf_patch.apply(vocab.shard_for(V), NTLConfig())
     assert not hf_patch.is_applied()
+    import ntl_deepspeed
+    from tiny_llama import model_and_batch
+
+    with pytest.raises(TypeError, match=r"vocab must be a NumberVocab, got str: build one with "
+                                        r"NumberVocab\.from_tokenizer"):
+        ntl_deepspeed.install(model_and_batch()[0], vocab=path, config=NTLConfig())
     # gemm_dtype must be a floating-point dtype (int32 was accepted and changed the loss)
     for bad in (torch.int32, "bf16", torch.bool):
         with pytest.raises(TypeError, match=r"gemm_dtype=.*expected None or a floating-point "

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ..checks import check_vocab_argument
 from ..config import NTLConfig, as_config, read_json_object
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
@@ -207,6 +208,8 @@ def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None
         config = split_config(raw)[1]
     config = as_config(config)
     model = _unwrap(engine_or_model)
+    if vocab is not None:
+        check_vocab_argument(vocab, "vocab", shard_ok=False)
     vocab = vocab or number_vocab(model, tokenizer, config)
     check_half_precision(engine_or_model, vocab, config)
     layout = model_layout(model)
@@ -233,6 +236,8 @@ def initialize(model, config: Union[Dict[str, Any], str], tokenizer=None, *,
     import deepspeed
 
     ds_config, ntl = split_config(config)
+    if vocab is not None:  # before DeepSpeed builds the engine
+        check_vocab_argument(vocab, "vocab", shard_ok=False)
     check_deepspeed_for_autotp(ds_config)
     check_autotp_world(ds_config)
     vocab = vocab or number_vocab(model, tokenizer, ntl)
