@@ -1,21 +1,23 @@
 """``ce_ntl``: the one front door. Validate once -> op (logits or hidden states) -> reductions."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from .checks import (check_head, check_labels, check_logits, check_loss_weights,
-                     check_reduction)
+from .checks import (check_config_fits_vocab, check_gemm_dtype, check_head, check_label_dtype,
+                     check_labels, check_logits, check_loss_weights, check_loss_weights_shape,
+                     check_number_range, check_reduction, check_vocab_argument)
 from .config import NTLConfig
 from .number_level import assemble_numbers, symmetric_ape
 from .numbers import NumberVocab, VocabShard, label_targets
 from .ops.hidden import Blocking, hidden_statistics
 from .ops.logits import logits_statistics
 from .ops.math import reweigh
-from .ops.statistics import OpSpec, PerToken
+from .ops.statistics import OpSpec, PerToken, fail_together, local_verdict
 from .parallel import SequenceParallel, group_size
 
 
@@ -70,24 +72,31 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
     instead of summing them (ZeRO 0-2).
     """
     config = config or NTLConfig()
+    if not isinstance(config, NTLConfig):
+        raise TypeError(f"config must be an NTLConfig, got {type(config).__name__}")
+    check_vocab_argument(shard)
+    check_gemm_dtype(gemm_dtype)
+    check_config_fits_vocab(config, shard.vocab if isinstance(shard, VocabShard) else shard)
     if (logits is None) == (hidden is None) or (hidden is None) != (head_weight is None):
         raise TypeError("ce_ntl takes logits=..., or hidden=... with head_weight=...")
-    if logits is not None:
-        check_logits(logits, labels)
-        width, device = logits.shape[-1], logits.device
-    else:
-        check_head(hidden, head_weight, head_bias, labels)
-        width, device = head_weight.shape[0], hidden.device
-    if isinstance(shard, NumberVocab):
-        shard = shard.shard_for(width, device=device)
-    if shard.width != width:
-        raise ValueError(f"the shard is {shard.width} columns wide but the "
-                         f"{'logits have' if logits is not None else 'head has'} {width}")
-    check_reduction(reduction)
-    check_loss_weights(loss_weights, labels, host=config.check_inputs)
-    check_labels(labels, shard.vocab_size, config.ignore_index, host=config.check_inputs)
-
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
+    parallel = isinstance(shard, VocabShard) and shard.parallel
+    try:  # checks of this rank's own arguments: a tensor-parallel rank failing one alone
+        shard = _checked_shard(labels, shard, config, logits, hidden, head_weight, head_bias,
+                               loss_weights, reduction, gemm_dtype)
+    except (TypeError, ValueError) as problem:
+        if parallel:  # ... takes the others along through the first collective
+            fail_together(shard, labels.numel(), OpSpec.build(config, shard), problem)
+        raise
     spec = OpSpec.build(config, shard)
+    if shard.parallel:  # value checks travel in the header: every rank raises together
+        spec = dataclasses.replace(spec, verdict=local_verdict(
+            labels, loss_weights, shard.vocab_size, config.ignore_index))
+    else:
+        check_loss_weights(loss_weights, labels, host=config.check_inputs)
+        check_labels(labels, shard.vocab_size, config.ignore_index, host=config.check_inputs)
+
     if logits is not None:
         per_token = logits_statistics(logits, labels, shard, spec, config.backend)
     else:
@@ -97,6 +106,29 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
                                       blocking)
     return reduce_per_token(PerToken(*per_token), labels, shard, config, loss_weights,
                             reduction, dp_group, SequenceParallel.of(sp_group, sp_grads_averaged))
+
+
+def _checked_shard(labels, shard, config: NTLConfig, logits, hidden, head_weight, head_bias,
+                   loss_weights, reduction: str, gemm_dtype) -> VocabShard:
+    """Shapes, types and number range of this rank's arguments (host facts only); the shard."""
+    check_label_dtype(labels)
+    if logits is not None:
+        check_logits(logits, labels)
+        width, device, dtype = logits.shape[-1], logits.device, logits.dtype
+    else:
+        check_head(hidden, head_weight, head_bias, labels)
+        width, device, dtype = head_weight.shape[0], hidden.device, hidden.dtype
+        if gemm_dtype is not None and torch.finfo(gemm_dtype).max < torch.finfo(dtype).max:
+            dtype = gemm_dtype
+    if isinstance(shard, NumberVocab):
+        shard = shard.shard_for(width, device=device)
+    if shard.width != width:
+        raise ValueError(f"the shard is {shard.width} columns wide but the "
+                         f"{'logits have' if logits is not None else 'head has'} {width}")
+    check_reduction(reduction)
+    check_loss_weights_shape(loss_weights, labels)
+    check_number_range(config, shard.vocab, dtype)
+    return shard
 
 
 def _number_level(labels, shard: VocabShard, config: NTLConfig, per_token: PerToken,

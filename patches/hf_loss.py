@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ntl_deepspeed.checks import check_config_fits_vocab, check_vocab_argument
 from ntl_deepspeed.config import NTLConfig
 from ntl_deepspeed.integrations.flops import record_ce_ntl_flops
 from ntl_deepspeed.loss import CENTLOutput, ce_ntl
@@ -48,6 +49,12 @@ class HFLoss:
     on_output: Optional[Callable[[CENTLOutput], None]] = None
     sp_group: object = None
     sp_grads_averaged: bool = False
+
+    def __post_init__(self):  # at apply/install time, not at the first forward
+        check_vocab_argument(self.vocab, "vocab", shard_ok=False)
+        if not isinstance(self.config, NTLConfig):
+            raise TypeError(f"config must be an NTLConfig, got {type(self.config).__name__}")
+        check_config_fits_vocab(self.config, self.vocab)
 
     def check_ignore_index(self, ignore_index: int) -> None:
         if ignore_index != self.config.ignore_index:

@@ -6,6 +6,7 @@ import datetime
 import functools
 import os
 import socket
+import sys
 import time
 
 import torch.distributed as dist
@@ -18,23 +19,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args):
+def _entry(rank, world_size, port, fn, args, pg_timeout=60.0):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+                            world_size=world_size,
+                            timeout=datetime.timedelta(seconds=pg_timeout))
     try:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown: gloo's threads sometimes abort a process there after
+    # all work is done (shared/FACTS.md); a failure above still raises (spawn reports it)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 240.0) -> None:
+def run_distributed(fn, world_size: int, *args, timeout: float = 240.0,
+                    pg_timeout: float = 60.0) -> None:
     """``fn(rank, world_size, *args)`` on ``world_size`` processes; raises if any fails, kills
-    all of them when ``timeout`` seconds pass."""
-    ctx = mp.start_processes(_entry, args=(world_size, free_port(), fn, args),
+    all of them when ``timeout`` seconds pass. ``pg_timeout``: the process group's timeout (a
+    collective some rank never joins fails after it)."""
+    ctx = mp.start_processes(_entry, args=(world_size, free_port(), fn, args, pg_timeout),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):

@@ -165,6 +165,9 @@ def test_non_finite_inputs_with_check_finite(vocab, batch, head):
     logits = logits.clone()
     logits[0, 1, 3] = float("nan")
     logits[1, 0, 0] = float("inf")
+    # check_finite off (the default, no host sync): NaN in, NaN out -- as F.cross_entropy
+    ref = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))
+    assert torch.isnan(ref) and torch.isnan(ce_ntl(labels, vocab, logits=logits).loss)
     with pytest.raises(ValueError, match=r"logits contain 2 non-finite values"):
         ce_ntl(labels, vocab, NTLConfig(check_finite=True), logits=logits)
     hidden, weight = head
@@ -201,3 +204,60 @@ def test_bad_call_arguments(vocab, batch):
     out = ce_ntl(labels.int(), vocab, logits=logits, reduction="none")  # int32 ids are fine
     ref = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none")
     torch.testing.assert_close(out.ce_per_token.reshape(-1), ref)
+
+
+def test_wrong_types_at_the_front_door(vocab, batch, head, tmp_path):
+    """What users pass by mistake is named with the fix, at the call (or at apply), instead of an
+    AttributeError deep inside (or at the first forward)."""
+    import ntl_deepspeed.patches.transformers as hf_patch
+
+    logits, labels = batch
+    hidden, weight = head
+    with pytest.raises(TypeError, match=r"shard must be a NumberVocab or VocabShard, got list: "
+                                        r"build one with NumberVocab\.from_tokens"):
+        ce_ntl(labels, TOKENS, logits=logits)
+    path = str(tmp_path / "tokenizer.json")
+    with pytest.raises(TypeError, match=r"got str: build one with NumberVocab\.from_tokenizer"):
+        ce_ntl(labels, path, logits=logits)
+    with pytest.raises(TypeError, match=r"vocab must be a NumberVocab, got list"):
+        hf_patch.apply(TOKENS, NTLConfig())  # at apply, not at the first forward
+    with pytest.raises(TypeError, match=r"vocab must be a NumberVocab, got VocabShard"):
+        hf_patch.apply(vocab.shard_for(V), NTLConfig())
+    assert not hf_patch.is_applied()
+    import ntl_deepspeed
+    from tiny_llama import model_and_batch
+
+    with pytest.raises(TypeError, match=r"vocab must be a NumberVocab, got str: build one with "
+                                        r"NumberVocab\.from_tokenizer"):
+        ntl_deepspeed.install(model_and_batch()[0], vocab=path, config=NTLConfig())
+    # gemm_dtype must be a floating-point dtype (int32 was accepted and changed the loss)
+    for bad in (torch.int32, "bf16", torch.bool):
+        with pytest.raises(TypeError, match=r"gemm_dtype=.*expected None or a floating-point "
+                                            r"torch\.dtype"):
+            ce_ntl(labels, vocab, hidden=hidden, head_weight=weight, gemm_dtype=bad)
+    # number_level assembles digits: an integers-mode vocab ('12' is one token) is refused
+    ints = NumberVocab.from_tokens(TOKENS[:4] + ["12", "7", "345"] + TOKENS[7:], mode="integers")
+    number_level = NTLConfig(kind="number_level")
+    with pytest.raises(ValueError, match=r"kind='number_level' .* needs a NumberVocab in mode "
+                                         r"'digits', got mode 'integers'"):
+        ce_ntl(labels, ints, number_level, logits=logits)
+    with pytest.raises(ValueError, match="needs a NumberVocab in mode 'digits'"):
+        hf_patch.apply(ints, number_level)
+    ce_ntl(labels, ints, NTLConfig(kind="was"), logits=logits)  # other kinds: fine
+    with pytest.raises(TypeError, match="config must be an NTLConfig, got dict"):
+        ce_ntl(labels, vocab, {"weight": 0.3}, logits=logits)
+
+
+def test_autotp_size_larger_than_the_world_is_refused(monkeypatch):
+    """initialize with AutoTP 2 on one process ended in a bare AssertionError inside DeepSpeed."""
+    import ntl_deepspeed
+    from tiny_llama import TOKENS as LLAMA_TOKENS, model_and_batch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = model_and_batch()[0]
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
+              "tensor_parallel": {"autotp_size": 2}, "ntl": {"weight": 0.3}}
+    with pytest.raises(ValueError, match=r"tensor_parallel\.autotp_size=2 needs a multiple of 2 "
+                                         r"processes, but this run has 1: launch it with e\.g\. "
+                                         r"`deepspeed --num_gpus 2"):
+        ntl_deepspeed.initialize(model, config, vocab=NumberVocab.from_tokens(LLAMA_TOKENS))

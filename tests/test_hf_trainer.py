@@ -19,7 +19,7 @@ def batch_rows():
     return ids, labels
 
 
-def trainer_step(tmp_path, batch, accumulation, fused):
+def trainer_step(tmp_path, batch, accumulation, how):
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
@@ -34,10 +34,10 @@ def trainer_step(tmp_path, batch, accumulation, fused):
     model, _, _ = model_and_batch()
     ids, labels = batch_rows()
     vocab = NumberVocab.from_tokens(TOKENS)
-    if fused:
+    if how == "fused":
         fused_head.install(model, HFLoss(vocab, NTLConfig(weight=0.3)))
-    else:
-        patch.apply(vocab, NTLConfig(weight=0.3), model=model)
+    else:  # "global": every causal LM; Trainer must still count the shifted labels
+        patch.apply(vocab, NTLConfig(weight=0.3), model=model if how == "model" else None)
     rows = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
     args = TrainingArguments(output_dir=str(tmp_path / f"{batch}x{accumulation}"),
                              per_device_train_batch_size=batch,
@@ -46,7 +46,10 @@ def trainer_step(tmp_path, batch, accumulation, fused):
                              weight_decay=0.0, max_grad_norm=0.0, report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="no", seed=0,
                              dataloader_drop_last=False)
-    InOrder(model=model, args=args, train_dataset=rows).train()
+    try:
+        InOrder(model=model, args=args, train_dataset=rows).train()
+    finally:
+        patch.remove()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -69,10 +72,10 @@ def reference_step(micro_batches):
         return {n: p - LR * p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("how", ["model", "global", "fused"])
 @pytest.mark.parametrize("batch,accumulation", [(4, 1), (2, 2)])
-def test_trainer_step_equals_sgd_on_the_documented_loss(tmp_path, fused, batch, accumulation):
-    ours = trainer_step(tmp_path, batch, accumulation, fused)
+def test_trainer_step_equals_sgd_on_the_documented_loss(tmp_path, how, batch, accumulation):
+    ours = trainer_step(tmp_path, batch, accumulation, how)
     expected = reference_step([list(range(i, i + batch)) for i in range(0, 4, batch)])
     for name, p in expected.items():
         torch.testing.assert_close(ours[name], p, rtol=1e-5, atol=1e-6, msg=name)

@@ -9,12 +9,14 @@ vocab-parallel head (its TP group and ``vocab_start_index``).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ..checks import check_vocab_argument
 from ..config import NTLConfig, as_config, read_json_object
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
@@ -55,6 +57,29 @@ def has_vocab_parallel_head() -> bool:
     except ImportError:
         return False
     return hasattr(layers, "VocabParallelLinear")
+
+
+def launched_world_size() -> int:
+    """Processes in this run: the process group's size, else the launcher's WORLD_SIZE (set by
+    deepspeed, torchrun and our MPI launcher before the group exists), else 1."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_autotp_world(ds_config: dict) -> None:
+    """AutoTP needs its tensor-parallel ranks: refuse a world it does not divide (DeepSpeed
+    itself ends in a bare AssertionError). Call it in the workers, not in a launcher."""
+    size, world = autotp_size(ds_config), launched_world_size()
+    if size > 1 and world % size:
+        raise ValueError(f"tensor_parallel.autotp_size={size} needs a multiple of {size} "
+                         f"processes, but this run has {world}: launch it with e.g. "
+                         f"`deepspeed --num_gpus {size} ...` or `torchrun --nproc_per_node "
+                         f"{size} ...`, or set autotp_size to 1")
 
 
 def check_deepspeed_for_autotp(ds_config: dict) -> None:
@@ -151,6 +176,28 @@ def check_half_precision(engine_or_model, vocab: NumberVocab, config: NTLConfig)
                                   config.reweigh, config.squash_factor)
 
 
+def check_ranks_agree(config: NTLConfig, vocab: NumberVocab, group=None) -> None:
+    """Once, at setup: every rank must run the same ntl options (all of them: some decide which
+    collectives run, e.g. ``normalization="global"`` adds one on the data-parallel group) and the
+    same number vocabulary. One all_gather_object over ``group`` (default: all ranks); every rank
+    raises the same error naming the differing fields and ranks."""
+    import torch.distributed as dist
+
+    from ..parallel import group_size
+
+    if group_size(group if group is not None else dist.group.WORLD) == 1:
+        return
+    mine = {**dataclasses.asdict(config), "number vocabulary": vocab.fingerprint}
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    differing = {key: {r: theirs[key] for r, theirs in enumerate(everyone)}
+                 for key in mine if len({repr(theirs[key]) for theirs in everyone}) > 1}
+    if differing:
+        raise ValueError("the ranks run different ntl settings: " + "; ".join(
+            f"{key}: {values}" for key, values in differing.items())
+            + " (per rank). Every rank must read the same \"ntl\" section and tokenizer")
+
+
 def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None] = None, *,
             vocab: Optional[NumberVocab] = None,
             on_output: Optional[Callable[[CENTLOutput], None]] = None):
@@ -170,11 +217,14 @@ def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None
         config = split_config(raw)[1]
     config = as_config(config)
     model = _unwrap(engine_or_model)
+    if vocab is not None:
+        check_vocab_argument(vocab, "vocab", shard_ok=False)
     vocab = vocab or number_vocab(model, tokenizer, config)
     check_half_precision(engine_or_model, vocab, config)
     layout = model_layout(model)
     check_sequence_parallel(config, group_size(layout.sp_group),
                             vocab_parallel_head=layout.tp_group is not None)
+    check_ranks_agree(config, vocab)
     loss = HFLoss(vocab, config, layout.tp_group, layout.vocab_start_index, layout.dp_group,
                   on_output if config.log_metrics else None, layout.sp_group,
                   layout.sp_group is not None and zero3_partitioned(engine_or_model))
@@ -201,10 +251,13 @@ def initialize(model, config: Union[Dict[str, Any], str], tokenizer=None, *,
     import deepspeed
 
     ds_config, ntl = split_config(config)
+    if vocab is not None:  # before DeepSpeed builds the engine
+        check_vocab_argument(vocab, "vocab", shard_ok=False)
     check_deepspeed_for_autotp(ds_config)
     check_config_has_groups(ds_config, deepspeed_kwargs.get("mpu"))
     check_sequence_parallel(ntl, int(ds_config.get("sequence_parallel_size", 1) or 1),
                             vocab_parallel_head=autotp_size(ds_config) > 1)
+    check_autotp_world(ds_config)
     vocab = vocab or number_vocab(model, tokenizer, ntl)
     deepspeed_kwargs.setdefault("model_parameters", model.parameters())
     result = deepspeed.initialize(model=model, config=ds_config, **deepspeed_kwargs)

@@ -40,13 +40,20 @@ def token_value(piece: Optional[str], mode: str) -> Optional[float]:
         return float(piece) if len(piece) == 1 and "0" <= piece <= "9" else None
     if mode == "integers":
         body = piece[1:] if piece[0] in WORD_BOUNDARY_MARKERS else piece
-        return float(int(body)) if body and body.isascii() and body.isdigit() else None
+        if not (body and body.isascii() and body.isdigit()):
+            return None
+        try:
+            return float(int(body))
+        except OverflowError:  # beyond float64 (300+ digits): reported as overflowing float32
+            return math.inf
     if mode == "floats":
         try:
             v = float(piece)
         except ValueError:
             return None
-        return v if math.isfinite(v) else None
+        # "1e400" is a number too large for any float (reported); "inf" / "nan" are words
+        return v if math.isfinite(v) or (math.isinf(v) and any(c.isdigit() for c in piece)) \
+            else None
     raise ValueError(f"unknown number-token mode {mode!r}: expected one of {MODES}")
 
 
@@ -54,11 +61,17 @@ def _as_float32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float64).float())
 
 
+def _shown(piece: str, limit: int = 48) -> str:
+    """A token for a message: its repr, cut short (a tokenizer may hold a 400-digit token)."""
+    return repr(piece) if len(piece) <= limit else \
+        f"{piece[:limit]!r}... ({len(piece)} characters)"
+
+
 def _warn_float32(overflow, inexact, shown: int = 5) -> None:
     """One warning per problem, naming the first tokens: values beyond float32 are left out of
     the number tokens, values float32 rounds keep the rounded value."""
     def names(items):
-        text = ", ".join(repr(item[1]) + (f" (id {item[0]}, becomes {item[2]:.9g})"
+        text = ", ".join(_shown(item[1]) + (f" (id {item[0]}, becomes {item[2]:.9g})"
                                           if len(item) > 2 else f" (id {item[0]})")
                          for item in items[:shown])
         return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
@@ -168,6 +181,7 @@ class NumberVocab:
         self.number_tokens = tokens
         self.decimal_point_id = decimal_point_id
         self._shard_cache: Dict[Any, VocabShard] = {}
+        self._representable: set = set()  # check_representable's passed arguments
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -219,31 +233,75 @@ class NumberVocab:
             bound += 1.01 * self.max_distance(kind, squash_factor)
         return float(weight) * bound
 
+    def largest_token(self) -> Tuple[int, str, float]:
+        """(id, text, value) of the number token of largest magnitude (for messages)."""
+        i = int(self.number_values.abs().argmax())
+        token_id = int(self.number_ids[i])
+        return token_id, self.number_tokens.get(token_id, "?"), float(self.number_values[i])
+
+    def fp32_bound(self, kind: str = "was", reweigh: bool = False,
+                   squash_factor: Optional[float] = None) -> float:
+        """An upper bound of the op's float32 intermediates (it always computes in fp32): the
+        per-token sums taken before normalising, ``sum_k e_k v_k`` and ``sum_k e_k D(v_k, y)``
+        with ``e_k <= 1`` (so at most ``sum_k |v_k|`` and ``sum_k max_y |v_k - y|``), the loss
+        and its unweighted gradient."""
+        v = self.number_values.double()
+        vmin, vmax = self.value_range
+        sums = float(v.abs().sum())
+        if kind == "was":
+            sums = max(sums, len(v) * float(squash_factor) if squash_factor is not None else
+                       float(torch.maximum((v - vmin).abs(), (v - vmax).abs()).sum()))
+        return max(sums, self.gradient_bound(kind, 1.0, reweigh, squash_factor))
+
     def check_representable(self, dtype: torch.dtype, kind: str = "was", weight: float = 1.0,
                             reweigh: bool = False, squash_factor: Optional[float] = None) -> None:
-        """Raise a ValueError when NTL's gradient on logits of ``dtype`` can overflow it (e.g.
-        NTL-MSE on integer tokens up to 999 in float16: ``2 * 999^2 * 0.3 = 6e5 > 65504``; even
-        the loss scale 1 cannot help). Measured: ``ce_ntl`` with fp16 logits and number tokens
-        up to 1e6 gives an inf gradient for MSE, and for WAS/L1/Huber as soon as a loss scale is
-        applied. bf16 and fp32 have float32's range."""
-        if not dtype.is_floating_point:
+        """Raise a ValueError when the op's float32 arithmetic can overflow on these number
+        values (e.g. MSE on a float token ``1e20``: squared distances ``1e40``), or when NTL's
+        gradient on logits of ``dtype`` can overflow it (e.g. NTL-MSE on integer tokens up to
+        999 in float16: ``2 * 999^2 * 0.3 = 6e5 > 65504``; even the loss scale 1 cannot help).
+        Measured: ``ce_ntl`` with fp16 logits and number tokens up to 1e6 gives an inf gradient
+        for MSE, and for WAS/L1/Huber as soon as a loss scale is applied. bf16 and fp32 have
+        float32's range. Host arithmetic on the vocab's table only; cached per arguments."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"check_representable: {dtype} is not a floating-point dtype")
+        key = (dtype, kind, float(weight), bool(reweigh), squash_factor)
+        if key in self._representable:
+            return
+        fp32_max = torch.finfo(torch.float32).max
+        inner = self.fp32_bound(kind, reweigh, squash_factor)
+        if not inner < fp32_max:
+            raise ValueError(
+                f"{self._range_subject(kind, weight, reweigh)}: the loss's float32 arithmetic "
+                f"reaches {inner:.3g}, beyond float32's largest value {fp32_max:.6g}: the loss "
+                "would be inf or NaN in any dtype. Fix: " + ", or ".join(
+                    self._range_fixes(kind, squash_factor)
+                    + ["leave such tokens out of the number vocabulary"]))
         limit = torch.finfo(dtype).max
         bound = self.gradient_bound(kind, weight, reweigh, squash_factor)
         if not bound < limit:
-            vmin, vmax = self.value_range
-            fixes = ["train in bf16 or fp32"]
-            if kind != "was":
-                fixes.append("use kind='was' (gradients ~ the value span, not its square)")
-            if kind == "was" and squash_factor is None:
-                fixes.append("set a squash_factor")
-            if self.mode != "digits":
-                fixes.append("use mode='digits'")
             raise ValueError(
-                f"NTL kind={kind!r} (weight {weight:g}{', reweigh' if reweigh else ''}) on "
-                f"number tokens valued {vmin:g}..{vmax:g} (mode {self.mode!r}) can give logit "
-                f"gradients up to {bound:.3g} per token, beyond {dtype}'s largest value "
-                f"{limit:.6g}: the gradients would overflow to inf. Fix: " + ", or ".join(fixes))
+                f"{self._range_subject(kind, weight, reweigh)} can give logit gradients up to "
+                f"{bound:.3g} per token, beyond {dtype}'s largest value {limit:.6g}: the "
+                "gradients would overflow to inf. Fix: " + ", or ".join(
+                    ["train in bf16 or fp32"] + self._range_fixes(kind, squash_factor)))
+        self._representable.add(key)
+
+    def _range_subject(self, kind: str, weight: float, reweigh: bool) -> str:
+        vmin, vmax = self.value_range
+        token_id, text, value = self.largest_token()
+        return (f"NTL kind={kind!r} (weight {weight:g}{', reweigh' if reweigh else ''}) on "
+                f"number tokens valued {vmin:g}..{vmax:g} (mode {self.mode!r}; largest: token "
+                f"{_shown(text)}, id {token_id}, value {value:g})")
+
+    def _range_fixes(self, kind: str, squash_factor: Optional[float]) -> List[str]:
+        fixes = []
+        if kind != "was":
+            fixes.append("use kind='was' (gradients ~ the value span, not its square)")
+        if kind == "was" and squash_factor is None:
+            fixes.append("set a squash_factor")
+        if self.mode != "digits":
+            fixes.append("use mode='digits'")
+        return fixes
 
     @functools.cached_property
     def _distance_span(self) -> Optional[Tuple[float, float]]:

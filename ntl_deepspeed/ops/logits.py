@@ -6,7 +6,7 @@ columns are small torch ops in both.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -93,9 +93,8 @@ class LogitsCENTL(torch.autograd.Function):
     """Per-token CE, NTL, y-hat, number mass and number-argmax from a vocab shard's logits.
 
     Communication contract, over ``shard.group`` when it has more than one rank (see
-    :mod:`.statistics`): forward exactly 2 collectives -- one all-reduce(MAX) of ``[3 T + 7 P]``
-    floats, one all-reduce(SUM) of ``[6, T]`` floats (``spec.read_header``: the ``7 P`` header
-    first, alone: 3 collectives); backward none. Inputs are never modified;
+    :mod:`.statistics`): forward exactly 2 collectives in every mode -- one all-reduce(MAX) of
+    ``[3 T + 9 P]`` floats, one all-reduce(SUM) of ``[6, T]`` floats; backward none. Inputs are never modified;
     accumulation is fp32 for any logits dtype; the gradient has the logits' dtype. Extra memory:
     O(T x local number tokens) plus one chunk of CHUNK_ELEMENTS (torch backend). No host
     synchronisation unless ``spec.read_header``.

@@ -16,6 +16,9 @@ import traceback
 
 from ..device import configure
 
+# of every collective and of the rendezvous: long enough for a checkpoint save or an evaluation
+# (every rank takes part in both), short enough that a stalled rank or a missing node is noticed
+DEFAULT_DIST_TIMEOUT = 600.0
 
 
 def _checked(convert, ok, what: str):
@@ -117,9 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--max-nonfinite-steps", type=_non_negative, default=3, metavar="N",
                         help="stop (exit 1, naming the last good checkpoint) after N "
                              "consecutive steps with a non-finite loss (0: never)")
-    safety.add_argument("--dist-timeout", type=_seconds, default=None, metavar="SECONDS",
-                        help="timeout of every collective (torch.distributed's default: 30 "
-                             "min): a stalled rank fails the run after this long")
+    safety.add_argument("--dist-timeout", type=_seconds, default=DEFAULT_DIST_TIMEOUT,
+                        metavar="SECONDS",
+                        help="timeout of every collective and of the start-up rendezvous "
+                             f"(default {DEFAULT_DIST_TIMEOUT:g} s; torch's own is 30 min): a "
+                             "stalled rank, or a node that never starts, fails the run after "
+                             "this long; each rank says what it waits for after "
+                             "min(60 s, timeout / 3) without progress")
 
     launch = ap.add_argument_group("launch")
     launch.add_argument("--mpi", action="store_true", help="discover ranks from MPI (mpirun)")

@@ -12,13 +12,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import NTLConfig
-from ..integrations.deepspeed import (autotp_size, check_deepspeed_for_autotp, install,
+from ..integrations.deepspeed import (autotp_size, check_autotp_world,
+                                      check_deepspeed_for_autotp, install,
                                       model_layout, skip_shm_comm_build, split_config)
 from ..numbers import NumberVocab
 from ..numbers.token_sources import read_pieces
 from ..metrics import NTLMetrics
 from . import checkpoint, sequence_parallel
 from .data.sources import build_data
+from .activity import Activity
+from .cli import DEFAULT_DIST_TIMEOUT
 from .divergence import DivergenceGuard
 from .evaluation import Evaluator
 from .outputs import redirect_monitors
@@ -36,6 +39,30 @@ def init_distributed(mpi: bool, timeout: Optional[float] = None) -> None:
     skip_shm_comm_build()
     extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=mpi, **extra)
+
+
+def join_process_group(mpi: bool, timeout: float, activity: Activity) -> float:
+    """:func:`init_distributed`, saying first what it waits for (every rank of every node at the
+    rendezvous address, up to ``timeout``); the seconds it took. The ``activity`` thread repeats
+    it while the wait lasts (a node that never starts)."""
+    world = os.environ.get("WORLD_SIZE", "?")
+    node = os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK"))  # deepspeed / torchrun
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    what = (f"joining the process group: waiting for all {world} ranks to connect to {where}"
+            " (every node's launcher must be started)")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"[rank {os.environ.get('RANK', '?')}{'' if node is None else f', node {node}'}] "
+              f"{what}; giving up after --dist-timeout {timeout:g} s", file=sys.stderr,
+              flush=True)
+    activity.now(what)
+    t0 = time.monotonic()
+    init_distributed(mpi, timeout)
+    activity.now("setting up (tokenizer, data, model, DeepSpeed engine)")
+    seconds = time.monotonic() - t0
+    if dist.get_rank() == 0:
+        print(f"all {dist.get_world_size()} ranks joined in {seconds:.1f} s", file=sys.stderr,
+              flush=True)
+    return seconds
 
 
 def shared_corpus_tokenizer(seed: int) -> str:
@@ -110,6 +137,7 @@ class Trainer:
     started_at: float = field(default_factory=time.time)
     last_checkpoint: str = None  # the newest complete checkpoint (saved or resumed from)
     slicer: object = None        # sequence parallelism: this rank's slice of each micro-batch
+    activity: Activity = None    # what this rank is doing, said when it makes no progress
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -122,7 +150,10 @@ class Trainer:
         sp_size = sequence_parallel.sequence_parallel_size(args, ds_config)
         if sp_size > 1:
             ds_config = {**ds_config, "sequence_parallel_size": sp_size}
-        init_distributed(args.mpi, getattr(args, "dist_timeout", None))
+        timeout = getattr(args, "dist_timeout", None) or DEFAULT_DIST_TIMEOUT
+        activity = Activity(timeout)
+        join_process_group(args.mpi, timeout, activity)
+        check_autotp_world(ds_config)
         sequence_parallel.check_arguments(args, sp_size, args.seq_len, dist.get_world_size(),
                                           autotp_size(ds_config))
         tokenizer = args.tokenizer or shared_corpus_tokenizer(args.seed)
@@ -133,7 +164,8 @@ class Trainer:
         engine, hf_ds_config, mpu = build_engine(args.model, vocab_size, ds_config, sp_size,
                                                  args.seq_len)
         trainer = cls(args, engine, ds_config, ntl, vocab, None, None, 0, 1,
-                      autotp_size(ds_config), hf_ds_config, NTLMetrics(engine.device))
+                      autotp_size(ds_config), hf_ds_config, NTLMetrics(engine.device),
+                      activity=activity)
         layout = model_layout(engine.module)
         if trainer.tp_size > 1 and layout.tp_group is None:
             raise RuntimeError("AutoTP did not make lm_head vocab-parallel: set "
@@ -177,6 +209,7 @@ class Trainer:
         gas = self.engine.gradient_accumulation_steps()
         guard = DivergenceGuard(getattr(self.args, "max_nonfinite_steps", 3))
         for step in range(self.start_step, steps):  # one optimizer step = gas micro-batches
+            self.activity.now(f"in training step {step + 1} (forward, backward, optimizer)")
             t0 = time.perf_counter()
             losses, tokens = [], 0
             for micro in range(gas):
@@ -209,6 +242,7 @@ class Trainer:
                 self.evaluate(step + 1, bar)
             if finite and self.args.save_every and (step + 1) % self.args.save_every == 0:
                 self.save(step + 1)  # never a checkpoint of a non-finite step
+        self.activity.now("in the final evaluation and checkpoint")
         self.finish_evaluation(steps, bar)
         bar.close()
         final = os.path.join(self.checkpoint_dir(), f"step{steps}")
@@ -220,6 +254,7 @@ class Trainer:
         self.write_run_info()
         if rank0:
             self.summary()
+        self.activity.now(None)
 
     def write_run_info(self) -> None:
         """Parameters and peak resident memory per rank (max and sum over ranks)."""
@@ -261,6 +296,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Atomic: committed (manifest, rename, ``latest``) only once every rank has written
         and flushed its files; keeps the newest ``--keep-checkpoints`` (train/checkpoint/)."""
+        self.activity.now(f"saving the step-{step} checkpoint")
         self.last_checkpoint = checkpoint.save(
             self.engine, self.checkpoint_dir(), step, {"step": step, **self.data_state()},
             self.run_config(), keep=getattr(self.args, "keep_checkpoints", 3),
@@ -301,6 +337,7 @@ class Trainer:
     def evaluate(self, steps_done: int, bar=None) -> None:
         from .evaluation import eval_line
 
+        self.activity.now(f"evaluating after step {steps_done}")
         row = self.evaluator.run(steps_done)
         if row is not None and bar is not None and dist.get_rank() == 0:
             bar.write(eval_line(row))
