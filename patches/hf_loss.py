@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ntl_deepspeed.config import NTLConfig
-from ntl_deepspeed.integrations.flops import record_ce_ntl_flops
+from ntl_deepspeed.flops import record_ce_ntl_flops
 from ntl_deepspeed.loss import CENTLOutput, ce_ntl
 from ntl_deepspeed.numbers import NumberVocab
 

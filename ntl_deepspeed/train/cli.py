@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-from ..device import configure
+from .device import configure
 
 
 
