@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss
-from ntl_deepspeed.device import accelerator, backend
+from ntl_deepspeed.train.device import accelerator, backend
 from ntl_deepspeed.numbers import partition_bounds
 
 

@@ -126,7 +126,7 @@ mkdir -p "$VENV"
 
 export PATH="$VENV/bin:$PATH"
 # CPU-only machines: DeepSpeed's CPU accelerator, gloo over loopback. With a GPU nothing is
-# forced: ntl_deepspeed.device picks cuda/nccl (an explicit DS_ACCELERATOR still wins).
+# forced: ntl_deepspeed.train.device picks cuda/nccl (an explicit DS_ACCELERATOR still wins).
 if ! _ntl_has_gpu; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 fi

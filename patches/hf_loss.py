@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ntl_deepspeed.checks import check_config_fits_vocab, check_vocab_argument
 from ntl_deepspeed.config import NTLConfig
-from ntl_deepspeed.integrations.flops import record_ce_ntl_flops
+from ntl_deepspeed.flops import record_ce_ntl_flops
 from ntl_deepspeed.loss import CENTLOutput, ce_ntl
 from ntl_deepspeed.numbers import NumberVocab
 

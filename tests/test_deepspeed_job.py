@@ -117,7 +117,7 @@ def profiled_forward_flops(path):
 
 
 def test_weight_zero_is_plain_cross_entropy_training_and_profiler_counts_ntl(tmp_path):
-    from ntl_deepspeed.integrations.flops import ce_ntl_forward_flops
+    from ntl_deepspeed.flops import ce_ntl_forward_flops
 
     launch(tmp_path / "zero", "--steps", "8", "--ntl-weight", "0",
            config=profiled_config(tmp_path, "zero"))

@@ -6,7 +6,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from ntl_deepspeed import NTLConfig, NumberVocab  # noqa: E402
-from ntl_deepspeed.integrations.flops import ce_ntl_forward_flops  # noqa: E402
+from ntl_deepspeed.flops import ce_ntl_forward_flops  # noqa: E402
 from ntl_deepspeed.patches.hf_loss import HFLoss  # noqa: E402
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, device, ntl_loss  # noqa: F401
+from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss  # noqa: F401
+from ntl_deepspeed.train import device
 from ntl_deepspeed.ops.hidden import Blocking
 from ntl_deepspeed.ops.logits import resolve_backend
 

@@ -10,7 +10,6 @@ vocab-parallel head (its TP group and ``vocab_start_index``).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -21,7 +20,7 @@ from ..config import NTLConfig, as_config, read_json_object
 from ..loss import CENTLOutput
 from ..numbers import NumberVocab
 from ..parallel import group_size
-from .flops import book_into_root
+from ..flops import book_into_root
 from .sequence_parallel import (check_config_has_groups, check_sequence_parallel,
                                 sequence_parallel_groups, zero3_partitioned)
 
@@ -91,14 +90,6 @@ def check_deepspeed_for_autotp(ds_config: dict) -> None:
         raise RuntimeError(f"AutoTP with a vocab-parallel lm_head needs a DeepSpeed with "
                            f"VocabParallelLinear (checked: {REQUIRED_DEEPSPEED}); installed: "
                            f"{deepspeed.__version__}")
-
-
-def skip_shm_comm_build() -> None:
-    """DeepSpeed JIT-compiles a shared-memory comm op (~45 s) at init on CPU; gloo needs none."""
-    import importlib
-
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-from ..device import configure
+from .device import configure
 
 # of every collective and of the rendezvous: long enough for a checkpoint save or an evaluation
 # (every rank takes part in both), short enough that a stalled rank or a missing node is noticed

@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from ..config import NTLConfig
 from ..integrations.deepspeed import (autotp_size, check_autotp_world,
-                                      check_deepspeed_for_autotp, install,
-                                      model_layout, skip_shm_comm_build, split_config)
+                                      check_deepspeed_for_autotp, install, model_layout,
+                                      split_config)
 from ..numbers import NumberVocab
 from ..numbers.token_sources import read_pieces
 from ..metrics import NTLMetrics
@@ -34,7 +34,7 @@ def init_distributed(mpi: bool, timeout: Optional[float] = None) -> None:
 
     import deepspeed
 
-    from ..device import backend
+    from .device import backend, skip_shm_comm_build
 
     skip_shm_comm_build()
     extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deepspeed  # noqa: E402
 
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss  # noqa: E402
-from ntl_deepspeed.integrations.deepspeed import skip_shm_comm_build  # noqa: E402
+from ntl_deepspeed.train.device import skip_shm_comm_build  # noqa: E402
 from ntl_deepspeed.integrations.pipeline import (FusedLMHead, PipelineNTLLoss,  # noqa: E402
                                                  tied_head)
 from ntl_deepspeed.metrics import NTLMetrics  # noqa: E402

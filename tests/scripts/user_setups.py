@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deepspeed  # noqa: E402
 
 from ntl_deepspeed import NumberVocab, ntl_loss  # noqa: E402
-from ntl_deepspeed.integrations.deepspeed import model_layout, skip_shm_comm_build  # noqa: E402
+from ntl_deepspeed.integrations.deepspeed import model_layout  # noqa: E402
+from ntl_deepspeed.train.device import skip_shm_comm_build  # noqa: E402
 from tiny_llama import TOKENS, VOCAB, model_and_batch  # noqa: E402
 
 NTL = {"weight": 0.3, "kind": "was"}
