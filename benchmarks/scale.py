@@ -1,23 +1,43 @@
-"""One ZeRO-3 training step with NTL on the largest Llama this 24 GB, 2-core machine holds.
+"""ZeRO-3 with NTL on the fused head of a 3.2B-parameter Llama, parameters and optimizer states
+offloaded to NVMe (DeepSpeed's async I/O op), on a 24 GB, 2-core machine.
 
-Llama-3.2-1B-like shapes (configs/model/llama_1b.json) with Mistral's 32000-token vocabulary:
-1.04 B parameters, bf16, SGD (AdamW states would not fit), 2 ranks, sequence 128. Also prints
-DeepSpeed's ZeRO-3 model-state memory estimates for the 3B and 8B configs (no model needed).
-Writes benchmarks/results/scale.json.
+Llama-3.2-3B shapes (configs/model/llama_3b.json: hidden 3072, 28 layers, 24 heads, 8 KV
+heads, intermediate 8192, tied embeddings) with a 128256-row vocabulary; the ids come from
+Mistral's 32000-piece sentencepiece model (digits split one by one), the rest of the vocabulary
+is padding (the shapes are Llama-3's, the text is not). bf16, torch AdamW (ZeRO keeps fp32
+master weights and both moments on NVMe), 2 ranks, micro-batch 1, sequence 32. Config:
+configs/zero3_cpu_nvme_3b.json (NVMe folder set by --nvme-dir). Needs libaio-dev
+(launch/setup_env.sh installs it); the aio op is JIT-built with ninja on first use (~1 min).
 
-    python benchmarks/scale.py [--steps 2]
+Per run: one forward of the *materialised* head (real logits, the same loss on them) and then
+the training steps with the *fused* head, on the same first batch and the same weights: their
+losses must agree (the fused loss is the one that trains). Records per-rank peak RSS, the peak
+disk use of the NVMe folder, step times; writes benchmarks/results/scale.json.
+
+    bash -c 'source launch/setup_env.sh && python benchmarks/scale.py'            # ~25 min
+    python benchmarks/scale.py --layers 2 --steps 2 --out /tmp/scale_small.json   # a check
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 
-from _launch import ROOT, mistral_tokenizer, run_pretrain, write_json
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-VOCAB = 32000
+from _launch import ROOT, _port, mistral_tokenizer, write_json  # noqa: E402
+
+VOCAB = 128256  # Llama-3's
+DS_CONFIG = os.path.join(ROOT, "configs", "zero3_cpu_nvme_3b.json")
+MODEL = os.path.join(ROOT, "configs", "model", "llama_3b.json")
 
 
 def llama_params(cfg: dict, vocab: int = VOCAB):
@@ -40,7 +60,7 @@ def estimates():
     for name in ("3b", "8b"):
         with open(os.path.join(ROOT, "configs", "model", f"llama_{name}.json")) as f:
             cfg = json.load(f)
-        total, largest = llama_params(cfg, 128256)  # Llama-3 vocabulary
+        total, largest = llama_params(cfg, VOCAB)
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
             estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=8,
@@ -50,31 +70,214 @@ def estimates():
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale.json"))
-    args = ap.parse_args()
-    out_dir = tempfile.mkdtemp(prefix="ntl_scale_")
-    res = run_pretrain(out_dir, os.path.join(ROOT, "configs", "zero3_cpu_scale_bf16_sgd.json"),
-                       os.path.join(ROOT, "configs", "model", "llama_1b.json"),
-                       "--tokenizer", mistral_tokenizer(), "--steps", str(args.steps),
-                       "--seq-len", str(args.seq_len), "--corpus-sentences", "500",
-                       timeout=3600)
-    rows = res["rows"]
-    result = {
-        "model": "configs/model/llama_1b.json + 32000 vocab", "ranks": 2, "dtype": "bf16",
-        "optimizer": "SGD", "seq_len": args.seq_len, "micro_batch": 1,
-        "parameters": res["info"]["parameters"],
-        "peak_rss_mb_per_rank_max": res["info"]["peak_rss_mb_max_rank"],
-        "peak_rss_mb_sum": res["info"]["peak_rss_mb_sum"],
-        "step_s": [r["step_s"] for r in rows],
+# ---------------------------------------------------------------------------- worker (per rank)
+def nvme_config(path: str, nvme_dir: str):
+    """(DeepSpeed config without "ntl", NTLConfig) with both offload folders in ``nvme_dir``."""
+    from ntl_deepspeed.integrations.deepspeed import split_config
+
+    ds_config, ntl = split_config(path)
+    zero = ds_config["zero_optimization"]
+    for key in ("offload_param", "offload_optimizer"):
+        zero[key] = dict(zero[key], nvme_path=nvme_dir)
+    return ds_config, ntl
+
+
+def model_file(layers: int, tmp: str) -> str:
+    """configs/model/llama_3b.json, with ``layers`` layers if given (development runs)."""
+    if not layers:
+        return MODEL
+    with open(MODEL) as f:
+        cfg = dict(json.load(f), num_hidden_layers=layers)
+    path = os.path.join(tmp, f"llama_3b_{layers}layers.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ntl_deepspeed.integrations.deepspeed import install
+    from ntl_deepspeed.numbers import NumberVocab
+    from ntl_deepspeed.numbers.token_sources import read_pieces
+    from ntl_deepspeed.train.trainer import (build_engine, exit_worker, init_distributed,
+                                             token_blocks)
+
+    init_distributed(mpi=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config, ntl = nvme_config(args.ds_config, args.nvme_dir)
+    tokenizer = mistral_tokenizer()
+    pieces, tokenizer_size = read_pieces(tokenizer)
+    vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=VOCAB, tokenizer_size=tokenizer_size)
+    blocks = token_blocks(tokenizer, 400, seed=0, seq_len=args.seq_len)
+    t0 = time.perf_counter()
+    engine, _hf_config = build_engine(args.model, VOCAB, ds_config)  # keep _hf_config alive
+    init_s = time.perf_counter() - t0
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    compute_dtype = str(next(engine.module.parameters()).dtype)
+
+    def batch(step: int) -> torch.Tensor:  # rank-disjoint, deterministic
+        return blocks[(step * world + rank) % len(blocks), :-1].unsqueeze(0)
+
+    parts = {}
+
+    def keep(out) -> None:
+        parts.update(ce=out.ce.detach().float(), ntl=out.ntl.detach().float())
+
+    def mean_over_ranks(*values) -> list:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / world).tolist()
+
+    # the materialised head: real [1, S, V] logits, CE + lambda*NTL on them; no update
+    reference = install(engine, config=ntl.replace(fused_head=False), vocab=vocab, on_output=keep)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        loss = engine(input_ids=batch(0), labels=batch(0)).loss.float()
+    materialised = mean_over_ranks(loss, parts["ce"], parts["ntl"])
+    materialised_s = time.perf_counter() - t0
+    reference.remove()
+
+    install(engine, config=ntl.replace(fused_head=True), vocab=vocab, on_output=keep)
+    rows = []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        ids = batch(step)
+        out = engine(input_ids=ids, labels=ids)
+        if out.logits is not None:
+            raise RuntimeError("the fused head did not run: the model returned logits")
+        loss = out.loss
+        engine.backward(loss)
+        engine.step()
+        seconds = time.perf_counter() - t0
+        loss_, ce, ntl_ = mean_over_ranks(loss.detach().float(), parts["ce"], parts["ntl"])
+        rows.append({"step": step, "step_s": seconds, "loss": loss_, "ce": ce, "ntl": ntl_})
+        if rank == 0:
+            print(f"[scale] step {step}: loss {loss_:.6f} (ce {ce:.6f}, ntl {ntl_:.6f}) "
+                  f"{seconds:.1f} s", flush=True)
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    gathered = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(gathered, rss)
+    if rank == 0:
+        with open(args.result, "w") as f:
+            json.dump({"parameters": params, "compute_dtype": compute_dtype, "init_s": init_s,
+                       "peak_rss_mb_per_rank": [g.item() for g in gathered],
+                       "materialised": dict(zip(("loss", "ce", "ntl"), materialised),
+                                            seconds=materialised_s),
+                       "rows": rows}, f)
+    exit_worker(0)
+
+
+# ---------------------------------------------------------------------------- launcher
+def disk_bytes(path: str) -> int:
+    """Allocated bytes of the files under ``path`` (sparse files count what they hold)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class Sampler(threading.Thread):
+    """Every ``period`` s: disk use of the NVMe folder, and used RAM of the machine."""
+
+    def __init__(self, path: str, period: float = 5.0):
+        super().__init__(daemon=True)
+        self.path, self.period = path, period
+        self.peak_disk = self.peak_used_ram = 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.peak_disk = max(self.peak_disk, disk_bytes(self.path))
+            with open("/proc/meminfo") as f:
+                info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+            self.peak_used_ram = max(self.peak_used_ram, info["MemTotal"] - info["MemAvailable"])
+            self.done.wait(self.period)
+
+
+def launch(args) -> None:
+    tmp = tempfile.mkdtemp(prefix="ntl_scale_")
+    nvme_dir = os.path.abspath(args.nvme_dir or os.path.join(ROOT, ".nvme_offload"))
+    shutil.rmtree(nvme_dir, ignore_errors=True)
+    os.makedirs(nvme_dir)
+    result = os.path.join(tmp, "worker.json")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=ROOT)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(_port()), os.path.abspath(__file__), "--worker", "--result", result,
+           "--ds-config", args.ds_config, "--model", model_file(args.layers, tmp),
+           "--nvme-dir", nvme_dir, "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+    free_before = os.popen("free -m").read()
+    sampler = Sampler(nvme_dir)
+    sampler.start()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    sampler.done.set()
+    sampler.join()
+    log = proc.stdout
+    with open(os.path.join(tmp, "launcher.log"), "w") as f:
+        f.write(log)
+    print("\n".join(line for line in log.splitlines() if "[scale]" in line))
+    if proc.returncode != 0 or not os.path.exists(result):
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output "
+                           f"(full log {tmp}/launcher.log):\n{log[-6000:]}")
+    shutil.rmtree(nvme_dir, ignore_errors=True)
+    with open(result) as f:
+        res = json.load(f)
+    rows, mat = res["rows"], res["materialised"]
+    with open(args.ds_config) as f:
+        ds = json.load(f)
+    result_json = {
+        "model": "Llama-3.2-3B shapes (configs/model/llama_3b.json"
+                 + (f", {args.layers} layers" if args.layers else "")
+                 + f"), vocab {VOCAB} (Mistral 32000-piece ids, rest padding)",
+        "ds_config": os.path.relpath(args.ds_config, ROOT),
+        "ranks": 2, "dtype": res["compute_dtype"], "optimizer": ds["optimizer"]["type"],
+        "offload": "parameters and optimizer states on NVMe (DeepSpeed async I/O)",
+        "seq_len": args.seq_len, "micro_batch": 1, "parameters": res["parameters"],
+        "peak_rss_mb_per_rank": res["peak_rss_mb_per_rank"],
+        "peak_rss_mb_sum": sum(res["peak_rss_mb_per_rank"]),
+        "peak_machine_used_ram_mb": sampler.peak_used_ram / 2**20,
+        "peak_nvme_disk_gb": sampler.peak_disk / 1e9,
+        "init_s": res["init_s"], "step_s": [r["step_s"] for r in rows],
         "median_step_s": statistics.median(r["step_s"] for r in rows),
-        "loss": [r["loss"] for r in rows], "ntl": [r.get("ntl") for r in rows],
+        "wall_s": wall,
+        "first_batch": {"fused_loss": rows[0]["loss"], "materialised_loss": mat["loss"],
+                        "abs_diff": abs(rows[0]["loss"] - mat["loss"]),
+                        "fused_ce": rows[0]["ce"], "materialised_ce": mat["ce"],
+                        "fused_ntl": rows[0]["ntl"], "materialised_ntl": mat["ntl"]},
+        "rows": rows,
+        "free_m_before": free_before.splitlines(),
         "deepspeed_estimates": estimates(),
     }
-    write_json(result, args.out)
+    write_json(result_json, args.out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=0, help="0: the model's 28 (development: 2)")
+    ap.add_argument("--ds-config", default=DS_CONFIG)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--nvme-dir", default=None, help="default: <repo>/.nvme_offload (deleted)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+    else:
+        launch(args)
 
 
 if __name__ == "__main__":
