@@ -130,13 +130,25 @@ def worker(args) -> None:
         dist.all_reduce(t)
         return (t / world).tolist()
 
-    # the materialised head: real [1, S, V] logits, CE + lambda*NTL on them; no update
+    # the materialised head: real [1, S, V] logits, CE + lambda*NTL on them; no update. Twice:
+    # the model's own bf16 logits, and fp32 logits of the same bf16 hidden states and weight
+    # (the fused head's GEMMs run in fp32 on CPU: that one must agree to rounding)
     reference = install(engine, config=ntl.replace(fused_head=False), vocab=vocab, on_output=keep)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        loss = engine(input_ids=batch(0), labels=batch(0)).loss.float()
-    materialised = mean_over_ranks(loss, parts["ce"], parts["ntl"])
-    materialised_s = time.perf_counter() - t0
+    head = engine.module.get_output_embeddings()
+    materialised = {}
+    for logits_dtype in ("bf16", "fp32"):
+        if logits_dtype == "fp32":  # an instance attribute: ZeRO's hooks on the module stay
+            head.forward = lambda x: torch.nn.functional.linear(x.float(), head.weight.float())
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            loss = engine(input_ids=batch(0), labels=batch(0)).loss.float()
+        values = mean_over_ranks(loss, parts["ce"], parts["ntl"])
+        materialised[logits_dtype] = dict(zip(("loss", "ce", "ntl"), values),
+                                          seconds=time.perf_counter() - t0)
+        if rank == 0:
+            print(f"[scale] materialised head, {logits_dtype} logits: {materialised[logits_dtype]}",
+                  flush=True)
+    del head.forward
     reference.remove()
 
     install(engine, config=ntl.replace(fused_head=True), vocab=vocab, on_output=keep)
@@ -163,8 +175,7 @@ def worker(args) -> None:
         with open(args.result, "w") as f:
             json.dump({"parameters": params, "compute_dtype": compute_dtype, "init_s": init_s,
                        "peak_rss_mb_per_rank": [g.item() for g in gathered],
-                       "materialised": dict(zip(("loss", "ce", "ntl"), materialised),
-                                            seconds=materialised_s),
+                       "materialised": materialised,
                        "rows": rows}, f)
     exit_worker(0)
 
@@ -217,18 +228,20 @@ def launch(args) -> None:
     sampler = Sampler(nvme_dir)
     sampler.start()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+    log_path = os.path.join(tmp, "launcher.log")
+    print(f"[scale] launching 2 ranks; log: {log_path}", flush=True)
+    with open(log_path, "w") as log_file:  # streamed: follow the run with tail -f
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=log_file,
+                              stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     sampler.done.set()
     sampler.join()
-    log = proc.stdout
-    with open(os.path.join(tmp, "launcher.log"), "w") as f:
-        f.write(log)
+    with open(log_path) as f:
+        log = f.read()
     print("\n".join(line for line in log.splitlines() if "[scale]" in line))
     if proc.returncode != 0 or not os.path.exists(result):
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output "
-                           f"(full log {tmp}/launcher.log):\n{log[-6000:]}")
+                           f"(full log {log_path}):\n{log[-6000:]}")
     shutil.rmtree(nvme_dir, ignore_errors=True)
     with open(result) as f:
         res = json.load(f)
@@ -250,10 +263,11 @@ def launch(args) -> None:
         "init_s": res["init_s"], "step_s": [r["step_s"] for r in rows],
         "median_step_s": statistics.median(r["step_s"] for r in rows),
         "wall_s": wall,
-        "first_batch": {"fused_loss": rows[0]["loss"], "materialised_loss": mat["loss"],
-                        "abs_diff": abs(rows[0]["loss"] - mat["loss"]),
-                        "fused_ce": rows[0]["ce"], "materialised_ce": mat["ce"],
-                        "fused_ntl": rows[0]["ntl"], "materialised_ntl": mat["ntl"]},
+        "first_batch": {"fused": {k: rows[0][k] for k in ("loss", "ce", "ntl")},
+                        "materialised_fp32_logits": mat["fp32"],
+                        "materialised_bf16_logits": mat["bf16"],
+                        "abs_diff_loss_vs_fp32_logits": abs(rows[0]["loss"] - mat["fp32"]["loss"]),
+                        "abs_diff_loss_vs_bf16_logits": abs(rows[0]["loss"] - mat["bf16"]["loss"])},
         "rows": rows,
         "free_m_before": free_before.splitlines(),
         "deepspeed_estimates": estimates(),
