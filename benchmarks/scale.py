@@ -71,6 +71,30 @@ def estimates():
 
 
 # ---------------------------------------------------------------------------- worker (per rank)
+class PhaseMemory:
+    """Peak resident memory of this process per phase: the kernel's high-water mark (VmHWM)
+    is reset at each phase start (``/proc/self/clear_refs``, Linux >= 4.0)."""
+
+    def __init__(self):
+        self.peaks = {}  # phase -> peak MB (max over repeats)
+
+    @staticmethod
+    def _status(key: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+        raise KeyError(key)
+
+    def start(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def end(self, phase: str) -> None:
+        self.peaks[phase] = max(self.peaks.get(phase, 0.0), self._status("VmHWM"))
+        self.start()
+
+
 def nvme_config(path: str, nvme_dir: str):
     """(DeepSpeed config without "ntl", NTLConfig) with both offload folders in ``nvme_dir``."""
     from ntl_deepspeed.integrations.deepspeed import split_config
@@ -111,9 +135,11 @@ def worker(args) -> None:
     pieces, tokenizer_size = read_pieces(tokenizer)
     vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=VOCAB, tokenizer_size=tokenizer_size)
     blocks = token_blocks(tokenizer, 400, seed=0, seq_len=args.seq_len)
+    memory = PhaseMemory()
     t0 = time.perf_counter()
     engine, _hf_config = build_engine(args.model, VOCAB, ds_config)  # keep _hf_config alive
     init_s = time.perf_counter() - t0
+    memory.end("init")  # (the whole process so far)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     compute_dtype = str(next(engine.module.parameters()).dtype)
 
@@ -142,6 +168,7 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         with torch.no_grad():
             loss = engine(input_ids=batch(0), labels=batch(0)).loss.float()
+        memory.end("materialised_forward")
         values = mean_over_ranks(loss, parts["ce"], parts["ntl"])
         materialised[logits_dtype] = dict(zip(("loss", "ce", "ntl"), values),
                                           seconds=time.perf_counter() - t0)
@@ -156,25 +183,33 @@ def worker(args) -> None:
     for step in range(args.steps):
         t0 = time.perf_counter()
         ids = batch(step)
+        memory.start()
         out = engine(input_ids=ids, labels=ids)
+        memory.end("forward")
         if out.logits is not None:
             raise RuntimeError("the fused head did not run: the model returned logits")
         loss = out.loss
         engine.backward(loss)
+        memory.end("backward")
         engine.step()
+        memory.end("optimizer_step")
         seconds = time.perf_counter() - t0
         loss_, ce, ntl_ = mean_over_ranks(loss.detach().float(), parts["ce"], parts["ntl"])
         rows.append({"step": step, "step_s": seconds, "loss": loss_, "ce": ce, "ntl": ntl_})
         if rank == 0:
             print(f"[scale] step {step}: loss {loss_:.6f} (ce {ce:.6f}, ntl {ntl_:.6f}) "
                   f"{seconds:.1f} s", flush=True)
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-    gathered = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(gathered, rss)
+    phases = sorted(memory.peaks)
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]
+                        + [memory.peaks[p] for p in phases], dtype=torch.float64)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
     if rank == 0:
         with open(args.result, "w") as f:
             json.dump({"parameters": params, "compute_dtype": compute_dtype, "init_s": init_s,
-                       "peak_rss_mb_per_rank": [g.item() for g in gathered],
+                       "peak_rss_mb_per_rank": [g[0].item() for g in gathered],
+                       "phase_peak_rss_mb_per_rank": {
+                           p: [g[1 + i].item() for g in gathered] for i, p in enumerate(phases)},
                        "materialised": materialised,
                        "rows": rows}, f)
     exit_worker(0)
@@ -258,6 +293,7 @@ def launch(args) -> None:
         "seq_len": args.seq_len, "micro_batch": 1, "parameters": res["parameters"],
         "peak_rss_mb_per_rank": res["peak_rss_mb_per_rank"],
         "peak_rss_mb_sum": sum(res["peak_rss_mb_per_rank"]),
+        "phase_peak_rss_mb_per_rank": res["phase_peak_rss_mb_per_rank"],
         "peak_machine_used_ram_mb": sampler.peak_used_ram / 2**20,
         "peak_nvme_disk_gb": sampler.peak_disk / 1e9,
         "init_s": res["init_s"], "step_s": [r["step_s"] for r in rows],
