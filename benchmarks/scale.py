@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,6 +135,7 @@ def worker(args) -> None:
     pieces, tokenizer_size = read_pieces(tokenizer)
     vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=VOCAB, tokenizer_size=tokenizer_size)
     blocks = token_blocks(tokenizer, 400, seed=0, seq_len=args.seq_len)
+    torch.manual_seed(args.seed)  # the same initial weights run after run
     memory = PhaseMemory()
     t0 = time.perf_counter()
     engine, _hf_config = build_engine(args.model, VOCAB, ds_config)  # keep _hf_config alive
@@ -200,8 +201,9 @@ def worker(args) -> None:
             print(f"[scale] step {step}: loss {loss_:.6f} (ce {ce:.6f}, ntl {ntl_:.6f}) "
                   f"{seconds:.1f} s", flush=True)
     phases = sorted(memory.peaks)
-    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]
-                        + [memory.peaks[p] for p in phases], dtype=torch.float64)
+    # (ru_maxrss is the same high-water mark, reset per phase: the peak is the phases' max)
+    mine = torch.tensor([max(memory.peaks.values())] + [memory.peaks[p] for p in phases],
+                        dtype=torch.float64)
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine)
     if rank == 0:
@@ -229,12 +231,16 @@ def disk_bytes(path: str) -> int:
 
 
 class Sampler(threading.Thread):
-    """Every ``period`` s: disk use of the NVMe folder, and used RAM of the machine."""
+    """Every ``period`` s: disk use of the NVMe folder and used RAM of the machine. Below
+    ``min_available`` bytes of available RAM it calls ``on_low_memory`` once (the machine is
+    shared: stop this run before the kernel's OOM killer picks a process)."""
 
-    def __init__(self, path: str, period: float = 5.0):
+    def __init__(self, path: str, min_available: float, on_low_memory, period: float = 2.0):
         super().__init__(daemon=True)
         self.path, self.period = path, period
+        self.min_available, self.on_low_memory = min_available, on_low_memory
         self.peak_disk = self.peak_used_ram = 0
+        self.low_memory = None  # available bytes when the run was stopped
         self.done = threading.Event()
 
     def run(self):
@@ -243,6 +249,9 @@ class Sampler(threading.Thread):
             with open("/proc/meminfo") as f:
                 info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
             self.peak_used_ram = max(self.peak_used_ram, info["MemTotal"] - info["MemAvailable"])
+            if info["MemAvailable"] < self.min_available and self.low_memory is None:
+                self.low_memory = info["MemAvailable"]
+                self.on_low_memory()
             self.done.wait(self.period)
 
 
@@ -258,19 +267,27 @@ def launch(args) -> None:
     cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(_port()), os.path.abspath(__file__), "--worker", "--result", result,
            "--ds-config", args.ds_config, "--model", model_file(args.layers, tmp),
-           "--nvme-dir", nvme_dir, "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+           "--nvme-dir", nvme_dir, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+           "--seed", str(args.seed)]
     free_before = os.popen("free -m").read()
-    sampler = Sampler(nvme_dir)
-    sampler.start()
     t0 = time.perf_counter()
     log_path = os.path.join(tmp, "launcher.log")
     print(f"[scale] launching 2 ranks; log: {log_path}", flush=True)
     with open(log_path, "w") as log_file:  # streamed: follow the run with tail -f
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=log_file,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        sampler = Sampler(nvme_dir, args.min_available_gb * 2**30,
+                          lambda: os.killpg(proc.pid, signal.SIGKILL))
+        sampler.start()
+        proc.wait()
     wall = time.perf_counter() - t0
     sampler.done.set()
     sampler.join()
+    if sampler.low_memory is not None:
+        shutil.rmtree(nvme_dir, ignore_errors=True)
+        raise RuntimeError(f"stopped: the machine had {sampler.low_memory / 2**30:.2f} GB of RAM "
+                           f"available (< --min-available-gb {args.min_available_gb}); log "
+                           f"{log_path}")
     with open(log_path) as f:
         log = f.read()
     print("\n".join(line for line in log.splitlines() if "[scale]" in line))
@@ -319,6 +336,9 @@ def main():
     ap.add_argument("--ds-config", default=DS_CONFIG)
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--nvme-dir", default=None, help="default: <repo>/.nvme_offload (deleted)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-available-gb", type=float, default=1.5,
+                    help="stop the run when the machine's available RAM falls below this")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
