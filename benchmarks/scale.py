@@ -91,7 +91,9 @@ class PhaseMemory:
             f.write("5")
 
     def end(self, phase: str) -> None:
-        self.peaks[phase] = max(self.peaks.get(phase, 0.0), self._status("VmHWM"))
+        peak = self._status("VmHWM")
+        self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak)
+        print(f"[scale] pid {os.getpid()} {phase}: peak RSS {peak:.0f} MB", flush=True)
         self.start()
 
 
