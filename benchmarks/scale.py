@@ -257,7 +257,14 @@ class Sampler(threading.Thread):
             self.done.wait(self.period)
 
 
-def launch(args) -> None:
+def phase_lines(log: str) -> list:
+    """The workers' "[scale] ..." progress lines (phase peaks, losses) of a run's log."""
+    return [line[line.index("[scale]"):] for line in log.splitlines() if "[scale]" in line]
+
+
+def run(args, layers: int) -> dict:
+    """One 2-rank run with ``layers`` layers (0: all 28); its figures, or, when the machine ran
+    short of RAM, how far it got (``"status": "stopped"``)."""
     tmp = tempfile.mkdtemp(prefix="ntl_scale_")
     nvme_dir = os.path.abspath(args.nvme_dir or os.path.join(ROOT, ".nvme_offload"))
     shutil.rmtree(nvme_dir, ignore_errors=True)
@@ -268,66 +275,76 @@ def launch(args) -> None:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(_port()), os.path.abspath(__file__), "--worker", "--result", result,
-           "--ds-config", args.ds_config, "--model", model_file(args.layers, tmp),
+           "--ds-config", args.ds_config, "--model", model_file(layers, tmp),
            "--nvme-dir", nvme_dir, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed)]
-    free_before = os.popen("free -m").read()
+    with open(model_file(layers, tmp)) as f:
+        n_layers = json.load(f)["num_hidden_layers"]
+    header = {"model": f"Llama-3.2-3B shapes (configs/model/llama_3b.json), {n_layers} layers, "
+                       f"vocab {VOCAB} (Mistral 32000-piece ids, rest padding)",
+              "layers": n_layers, "machine_ram_before": os.popen("free -m").read().splitlines()}
     t0 = time.perf_counter()
     log_path = os.path.join(tmp, "launcher.log")
-    print(f"[scale] launching 2 ranks; log: {log_path}", flush=True)
-    with open(log_path, "w") as log_file:  # streamed: follow the run with tail -f
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        sampler = Sampler(nvme_dir, args.min_available_gb * 2**30,
-                          lambda: os.killpg(proc.pid, signal.SIGKILL))
-        sampler.start()
-        proc.wait()
-    wall = time.perf_counter() - t0
-    sampler.done.set()
-    sampler.join()
-    if sampler.low_memory is not None:
+    print(f"[scale] {n_layers} layers: launching 2 ranks; log: {log_path}", flush=True)
+    try:
+        with open(log_path, "w") as log_file:  # streamed: follow the run with tail -f
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            sampler = Sampler(nvme_dir, args.min_available_gb * 2**30,
+                              lambda: os.killpg(proc.pid, signal.SIGKILL))
+            sampler.start()
+            proc.wait()
+        wall = time.perf_counter() - t0
+        sampler.done.set()
+        sampler.join()
+    finally:
         shutil.rmtree(nvme_dir, ignore_errors=True)
-        raise RuntimeError(f"stopped: the machine had {sampler.low_memory / 2**30:.2f} GB of RAM "
-                           f"available (< --min-available-gb {args.min_available_gb}); log "
-                           f"{log_path}")
     with open(log_path) as f:
         log = f.read()
-    print("\n".join(line for line in log.splitlines() if "[scale]" in line))
+    print("\n".join(phase_lines(log)), flush=True)
+    measured = {"peak_machine_used_ram_mb": sampler.peak_used_ram / 2**20,
+                "peak_nvme_disk_gb": sampler.peak_disk / 1e9, "wall_s": wall}
+    if sampler.low_memory is not None:
+        return {**header, "status": "stopped",
+                "reason": f"the machine's available RAM fell to {sampler.low_memory / 2**30:.2f} GB "
+                          f"(< --min-available-gb {args.min_available_gb}): run stopped",
+                "progress": phase_lines(log), **measured}
     if proc.returncode != 0 or not os.path.exists(result):
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output "
                            f"(full log {log_path}):\n{log[-6000:]}")
-    shutil.rmtree(nvme_dir, ignore_errors=True)
     with open(result) as f:
         res = json.load(f)
     rows, mat = res["rows"], res["materialised"]
-    with open(args.ds_config) as f:
-        ds = json.load(f)
-    result_json = {
-        "model": "Llama-3.2-3B shapes (configs/model/llama_3b.json"
-                 + (f", {args.layers} layers" if args.layers else "")
-                 + f"), vocab {VOCAB} (Mistral 32000-piece ids, rest padding)",
-        "ds_config": os.path.relpath(args.ds_config, ROOT),
-        "ranks": 2, "dtype": res["compute_dtype"], "optimizer": ds["optimizer"]["type"],
-        "offload": "parameters and optimizer states on NVMe (DeepSpeed async I/O)",
-        "seq_len": args.seq_len, "micro_batch": 1, "parameters": res["parameters"],
+    return {
+        **header, "status": "completed", "parameters": res["parameters"],
+        "dtype": res["compute_dtype"],
         "peak_rss_mb_per_rank": res["peak_rss_mb_per_rank"],
         "peak_rss_mb_sum": sum(res["peak_rss_mb_per_rank"]),
-        "phase_peak_rss_mb_per_rank": res["phase_peak_rss_mb_per_rank"],
-        "peak_machine_used_ram_mb": sampler.peak_used_ram / 2**20,
-        "peak_nvme_disk_gb": sampler.peak_disk / 1e9,
+        "phase_peak_rss_mb_per_rank": res["phase_peak_rss_mb_per_rank"], **measured,
         "init_s": res["init_s"], "step_s": [r["step_s"] for r in rows],
         "median_step_s": statistics.median(r["step_s"] for r in rows),
-        "wall_s": wall,
         "first_batch": {"fused": {k: rows[0][k] for k in ("loss", "ce", "ntl")},
                         "materialised_fp32_logits": mat["fp32"],
                         "materialised_bf16_logits": mat["bf16"],
                         "abs_diff_loss_vs_fp32_logits": abs(rows[0]["loss"] - mat["fp32"]["loss"]),
                         "abs_diff_loss_vs_bf16_logits": abs(rows[0]["loss"] - mat["bf16"]["loss"])},
         "rows": rows,
-        "free_m_before": free_before.splitlines(),
-        "deepspeed_estimates": estimates(),
     }
-    write_json(result_json, args.out)
+
+
+def launch(args) -> None:
+    """The full model; if the machine runs short of RAM, then ``--fallback-layers``."""
+    with open(args.ds_config) as f:
+        ds = json.load(f)
+    result = {"ds_config": os.path.relpath(args.ds_config, ROOT), "ranks": 2,
+              "optimizer": ds["optimizer"]["type"], "seq_len": args.seq_len, "micro_batch": 1,
+              "offload": "parameters and optimizer states (fp32 master weights, gradients) on "
+                         "NVMe through DeepSpeed's async I/O op",
+              "runs": [run(args, args.layers)]}
+    if result["runs"][-1]["status"] == "stopped" and args.fallback_layers:
+        result["runs"].append(run(args, args.fallback_layers))
+    result["deepspeed_estimates"] = estimates()
+    write_json(result, args.out)
 
 
 def main():
@@ -338,6 +355,8 @@ def main():
     ap.add_argument("--ds-config", default=DS_CONFIG)
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--nvme-dir", default=None, help="default: <repo>/.nvme_offload (deleted)")
+    ap.add_argument("--fallback-layers", type=int, default=10,
+                    help="run this many layers when the full model does not fit (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-available-gb", type=float, default=1.5,
                     help="stop the run when the machine's available RAM falls below this")
