@@ -1,21 +1,27 @@
-"""ZeRO-3 with NTL on the fused head of a 3.2B-parameter Llama, parameters and optimizer states
-offloaded to NVMe (DeepSpeed's async I/O op), on a 24 GB, 2-core machine.
+"""ZeRO-3 with NTL on the fused head of Llama-3.2-3B-shaped models, parameters and optimizer
+states offloaded to NVMe (DeepSpeed's async I/O op), 2 ranks on a 24 GB, 2-core machine.
 
-Llama-3.2-3B shapes (configs/model/llama_3b.json: hidden 3072, 28 layers, 24 heads, 8 KV
-heads, intermediate 8192, tied embeddings) with a 128256-row vocabulary; the ids come from
-Mistral's 32000-piece sentencepiece model (digits split one by one), the rest of the vocabulary
-is padding (the shapes are Llama-3's, the text is not). bf16, torch AdamW (ZeRO keeps fp32
-master weights and both moments on NVMe), 2 ranks, micro-batch 1, sequence 32. Config:
-configs/zero3_cpu_nvme_3b.json (NVMe folder set by --nvme-dir). Needs libaio-dev
-(launch/setup_env.sh installs it); the aio op is JIT-built with ninja on first use (~1 min).
+Shapes: configs/model/llama_3b.json (hidden 3072, 28 layers, 24 heads, 8 KV heads,
+intermediate 8192, tied embeddings; 3.21 B parameters) with a 128256-row vocabulary; the ids
+come from Mistral's 32000-piece sentencepiece model (digits split one by one), the other rows
+are padding (Llama-3's shapes, not its text). bf16 (this CPU's bf16 GEMMs are faster than fp32
+at these shapes), torch SGD (ZeRO's fp32 master weights and gradients on NVMe; Adam's two
+moments need two more swap buffers of the 128256x3072/2 embedding partition, 1.6 GB per rank,
+that this machine does not have), micro-batch 1, sequence 32. Config:
+configs/zero3_cpu_nvme_3b.json (its NVMe folder is replaced by --nvme-dir). Needs libaio-dev
+(launch/setup_env.sh installs it); the aio op is JIT-built with ninja on first use (2-12 min).
 
-Per run: one forward of the *materialised* head (real logits, the same loss on them) and then
-the training steps with the *fused* head, on the same first batch and the same weights: their
-losses must agree (the fused loss is the one that trains). Records per-rank peak RSS, the peak
-disk use of the NVMe folder, step times; writes benchmarks/results/scale.json.
+Each run: two forwards of the *materialised* head (real logits: the model's bf16 ones, and
+fp32 ones from the same bf16 hidden states and weight, as the fused head's GEMMs are fp32 on
+CPU), then the training steps with the *fused* head; step 0 uses the same batch and weights,
+so its loss must equal the materialised one. Records per-phase peak RSS per rank (VmHWM), the
+peak disk use of the NVMe folder, step times. The full model first; if the machine's available
+RAM falls below --min-available-gb, that run is stopped (before the kernel's OOM killer picks
+some process of this shared machine), recorded with how far it got, and --fallback-layers
+layers are run instead. Writes benchmarks/results/scale.json.
 
     bash -c 'source launch/setup_env.sh && python benchmarks/scale.py'            # ~25 min
-    python benchmarks/scale.py --layers 2 --steps 2 --out /tmp/scale_small.json   # a check
+    python benchmarks/scale.py --layers 2 --steps 2 --out /tmp/scale_small.json   # ~5 min
 """
 from __future__ import annotations
 
