@@ -104,13 +104,14 @@ class PhaseMemory:
 
 
 def nvme_config(path: str, nvme_dir: str):
-    """(DeepSpeed config without "ntl", NTLConfig) with both offload folders in ``nvme_dir``."""
+    """(DeepSpeed config without "ntl", NTLConfig); NVMe offload folders set to ``nvme_dir``."""
     from ntl_deepspeed.integrations.deepspeed import split_config
 
     ds_config, ntl = split_config(path)
     zero = ds_config["zero_optimization"]
     for key in ("offload_param", "offload_optimizer"):
-        zero[key] = dict(zero[key], nvme_path=nvme_dir)
+        if (zero.get(key) or {}).get("device") == "nvme":
+            zero[key] = dict(zero[key], nvme_path=nvme_dir)
     return ds_config, ntl
 
 
