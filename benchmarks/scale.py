@@ -340,7 +340,7 @@ def run(args, layers: int) -> dict:
 
 
 def launch(args) -> None:
-    """The full model; if the machine runs short of RAM, then ``--fallback-layers``."""
+    """The full model; while the machine runs short of RAM, the ``--fallback-layers`` in turn."""
     with open(args.ds_config) as f:
         ds = json.load(f)
     result = {"ds_config": os.path.relpath(args.ds_config, ROOT), "ranks": 2,
@@ -348,8 +348,10 @@ def launch(args) -> None:
               "offload": "parameters and optimizer states (fp32 master weights, gradients) on "
                          "NVMe through DeepSpeed's async I/O op",
               "runs": [run(args, args.layers)]}
-    if result["runs"][-1]["status"] == "stopped" and args.fallback_layers:
-        result["runs"].append(run(args, args.fallback_layers))
+    for layers in args.fallback_layers:  # smaller until one completes
+        if result["runs"][-1]["status"] != "stopped":
+            break
+        result["runs"].append(run(args, layers))
     result["deepspeed_estimates"] = estimates()
     write_json(result, args.out)
 
@@ -362,8 +364,9 @@ def main():
     ap.add_argument("--ds-config", default=DS_CONFIG)
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--nvme-dir", default=None, help="default: <repo>/.nvme_offload (deleted)")
-    ap.add_argument("--fallback-layers", type=int, default=10,
-                    help="run this many layers when the full model does not fit (0: none)")
+    ap.add_argument("--fallback-layers", default="10,3",
+                    type=lambda text: [int(n) for n in text.split(",") if int(n) > 0],
+                    help="layer counts tried in turn while runs are stopped for RAM (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-available-gb", type=float, default=1.5,
                     help="stop the run when the machine's available RAM falls below this")
