@@ -115,11 +115,11 @@ def nvme_config(path: str, nvme_dir: str):
     return ds_config, ntl
 
 
-def model_file(layers: int, tmp: str) -> str:
-    """configs/model/llama_3b.json, with ``layers`` layers if given (development runs)."""
+def model_file(model: str, layers: int, tmp: str) -> str:
+    """The model config ``model``, with ``layers`` layers if given (fallback/development runs)."""
     if not layers:
-        return MODEL
-    with open(MODEL) as f:
+        return model
+    with open(model) as f:
         cfg = dict(json.load(f), num_hidden_layers=layers)
     path = os.path.join(tmp, f"llama_3b_{layers}layers.json")
     with open(path, "w") as f:
@@ -282,13 +282,13 @@ def run(args, layers: int) -> dict:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(_port()), os.path.abspath(__file__), "--worker", "--result", result,
-           "--ds-config", args.ds_config, "--model", model_file(layers, tmp),
+           "--ds-config", args.ds_config, "--model", model_file(args.model, layers, tmp),
            "--nvme-dir", nvme_dir, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed)]
-    with open(model_file(layers, tmp)) as f:
+    with open(model_file(args.model, layers, tmp)) as f:
         n_layers = json.load(f)["num_hidden_layers"]
-    header = {"model": f"Llama-3.2-3B shapes (configs/model/llama_3b.json), {n_layers} layers, "
-                       f"vocab {VOCAB} (Mistral 32000-piece ids, rest padding)",
+    header = {"model": f"{os.path.relpath(args.model, ROOT)}, {n_layers} layers, vocab {VOCAB} "
+                       f"(Mistral 32000-piece ids, rest padding)",
               "layers": n_layers, "machine_ram_before": os.popen("free -m").read().splitlines()}
     t0 = time.perf_counter()
     log_path = os.path.join(tmp, "launcher.log")
