@@ -2,6 +2,8 @@
 # Idempotent environment setup, sourced by launch/run_*.sh (and so by .ci/run):
 #   1. Debian's Open MPI (openmpi-bin, libopenmpi-dev) if missing: apt-get, waiting for the
 #      apt/dpkg locks instead of failing; a failure only warns (needed for run_mpi.sh only);
+#   1b. Debian's libaio-dev if missing: the headers/library DeepSpeed's async I/O op (NVMe
+#      offload, JIT-built with ninja) links against; a failure only warns (scale benchmark only);
 #   2. .venv (python3 -m venv) if missing;
 #   3. torch ($NTL_TORCH_SPEC), the pinned requirements-dev.txt and this project (editable),
 #      once per content of requirements-dev.txt + setup.cfg + NTL_TORCH_SPEC +
@@ -113,6 +115,19 @@ _ntl_install_python() {  # runs under the setup lock, in a subshell
 if _ntl_need_mpi && command -v apt-get >/dev/null 2>&1; then
   _ntl_install_mpi
 fi
+
+# --- libaio (DeepSpeed NVMe offload: the async_io op; benchmarks/scale.py) ---
+_ntl_need_aio() {
+  command -v dpkg-query >/dev/null 2>&1 || return 1  # non-Debian: the user installs libaio
+  ! dpkg-query -W -f='${Status}' libaio-dev 2>/dev/null | grep -q "ok installed"
+}
+if _ntl_need_aio && command -v apt-get >/dev/null 2>&1; then
+  _ntl_say "installing libaio-dev (DeepSpeed async I/O op): apt-get install libaio-dev"
+  _ntl_apt install libaio-dev >/dev/null 2>&1 \
+    || { _ntl_apt_update && _ntl_apt install libaio-dev >/dev/null 2>&1; } \
+    || _ntl_say "WARNING: could not install libaio-dev (needed for NVMe offload only)"
+fi
+# --- end libaio ---
 
 mkdir -p "$VENV"
 (
