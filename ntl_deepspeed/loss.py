@@ -13,6 +13,7 @@ from .config import NTLConfig
 from .number_level import assemble_numbers, symmetric_ape
 from .numbers import NumberVocab, VocabShard, label_targets
 from .ops.hidden import Blocking, hidden_statistics
+from .ops.hidden_reduced import budget_token_chunk, reduced_hidden_statistics
 from .ops.logits import logits_statistics
 from .ops.math import reweigh
 from .ops.statistics import OpSpec, PerToken
@@ -80,6 +81,10 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
     spec = OpSpec.build(config, shard)
     if logits is not None:
         per_token = logits_statistics(logits, labels, shard, spec, config.backend)
+    elif _reduced_loss_gradients(config, reduction, loss_weights, hidden, head_weight,
+                                 head_bias):
+        return _fused_reduced(labels, shard, config, spec, hidden, head_weight, head_bias,
+                              loss_weights, reduction, dp_group, gemm_dtype)
     else:
         blocking = Blocking.build(hidden, config.fused_block_size, config.fused_token_chunk,
                                   gemm_dtype)
@@ -87,6 +92,33 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
                                       blocking)
     return reduce_per_token(PerToken(*per_token), labels, shard, config, loss_weights,
                             reduction, dp_group)
+
+
+def _reduced_loss_gradients(config: NTLConfig, reduction: str, loss_weights, *head) -> bool:
+    """The fused head computes the reduced loss's gradients in its forward when a backward can
+    follow and the reduced loss is linear in the per-token CE / NTL (not number-level NTL, not
+    differentiable loss weights). See docs/fused_head.md."""
+    return (reduction != "none" and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in head)
+            and not (config.enabled and config.kind == "number_level")
+            and not (loss_weights is not None and loss_weights.requires_grad))
+
+
+def _fused_reduced(labels, shard, config, spec, hidden, head_weight, head_bias, loss_weights,
+                   reduction, dp_group, gemm_dtype) -> CENTLOutput:
+    valid, is_number, _ = label_targets(labels, shard.values, config.ignore_index)
+    weights = token_weights(valid, is_number, loss_weights, config, reduction, dp_group)
+    coef_ce, coef_ntl = weights.loss_coefficients(config.active_weight)
+    chunk = config.fused_token_chunk or budget_token_chunk(
+        labels.numel(), head_weight.shape[0], hidden.shape[-1])
+    blocking = Blocking.build(hidden, config.fused_block_size, chunk, gemm_dtype)
+    per_token, anchor = reduced_hidden_statistics(hidden, head_weight, head_bias, labels,
+                                                  coef_ce, coef_ntl, shard, spec, blocking)
+    out = reduce_per_token(PerToken(*per_token), labels, shard, config, loss_weights, reduction,
+                           dp_group, weights)
+    # the loss's gradient flows through the anchor only (per-token outputs keep theirs)
+    out.loss = out.loss.detach() + anchor
+    return out
 
 
 def _number_level(labels, shard: VocabShard, config: NTLConfig, per_token: PerToken,
@@ -118,34 +150,63 @@ def _global_count(count: torch.Tensor, dp_group):
     return total, size
 
 
+@dataclass
+class TokenWeights:
+    """Each token's weight in the reduced CE and NTL, and the divisors of their sums: all known
+    from the labels (and ``loss_weights``) before the op runs."""
+
+    ce_w: torch.Tensor
+    ntl_w: torch.Tensor
+    ce_count: torch.Tensor
+    ntl_count: torch.Tensor
+    ce_div: torch.Tensor
+    ntl_div: torch.Tensor
+
+    def loss_coefficients(self, ntl_weight: float):
+        """d loss / d ce_t and d loss / d ntl_t of the reduced ``loss = ce + ntl_weight * ntl``."""
+        return self.ce_w / self.ce_div, self.ntl_w * (ntl_weight / self.ntl_div)
+
+
+def token_weights(valid, ntl_mask, loss_weights, config: NTLConfig, reduction: str,
+                  dp_group) -> TokenWeights:
+    w = torch.ones(valid.shape, device=valid.device) if loss_weights is None \
+        else loss_weights.float()
+    ce_w = torch.where(valid, w, torch.zeros_like(w))
+    ntl_w = torch.where(ntl_mask, w, torch.zeros_like(w))
+    ce_count, ntl_count = ce_w.sum(), ntl_w.sum()
+    one = torch.ones_like(ce_count)
+    ce_div = ntl_div = one
+    if reduction == "mean":
+        eps = torch.finfo(ce_count.dtype).eps
+        ce_div = ce_count.clamp_min(eps)
+        if config.normalization == "micro_batch":
+            ntl_div = ntl_count.clamp_min(eps)
+        elif config.normalization == "token":
+            ntl_div = ce_div
+        else:  # global: sum over DP / count over DP; x dp_size undoes DP gradient averaging
+            total, dp_size = _global_count(ntl_count, dp_group)
+            ntl_div = total.clamp_min(eps) / dp_size
+    return TokenWeights(ce_w, ntl_w, ce_count, ntl_count, ce_div, ntl_div)
+
+
 def reduce_per_token(per_token: PerToken, labels: torch.Tensor, shard: VocabShard,
-                     config: NTLConfig, loss_weights, reduction: str, dp_group) -> CENTLOutput:
-    """Number-level assembly, weights and reductions on the op's per-token outputs."""
+                     config: NTLConfig, loss_weights, reduction: str, dp_group,
+                     weights: Optional[TokenWeights] = None) -> CENTLOutput:
+    """Number-level assembly, weights and reductions on the op's per-token outputs
+    (``weights``: already computed by :func:`token_weights`)."""
     ce, ntl = per_token.ce, per_token.ntl
     valid, is_number, label_value = label_targets(labels, shard.values, config.ignore_index)
     ntl_mask = is_number
     if config.enabled and config.kind == "number_level":
         ntl, ntl_mask = _number_level(labels, shard, config, per_token, is_number, label_value)
-
-    w = torch.ones_like(ce) if loss_weights is None else loss_weights.to(ce.dtype)
-    ce_w = torch.where(valid, w, torch.zeros_like(w))
-    ntl_w = torch.where(ntl_mask, w, torch.zeros_like(w))
-    ce_count, ntl_count = ce_w.sum(), ntl_w.sum()
+    if weights is None:
+        weights = token_weights(valid, ntl_mask, loss_weights, config, reduction, dp_group)
+    ce_w, ntl_w = weights.ce_w, weights.ntl_w
     if reduction == "none":
         ce_r, ntl_r = ce * ce_w, ntl * ntl_w
-    elif reduction == "sum":
-        ce_r, ntl_r = (ce * ce_w).sum(), (ntl * ntl_w).sum()
     else:
-        eps = torch.finfo(ce.dtype).eps
-        ce_r = (ce * ce_w).sum() / ce_count.clamp_min(eps)
-        ntl_sum = (ntl * ntl_w).sum()
-        if config.normalization == "micro_batch":
-            ntl_r = ntl_sum / ntl_count.clamp_min(eps)
-        elif config.normalization == "token":
-            ntl_r = ntl_sum / ce_count.clamp_min(eps)
-        else:  # global: sum over DP / count over DP; x dp_size undoes DP gradient averaging
-            total, dp_size = _global_count(ntl_count, dp_group)
-            ntl_r = ntl_sum * dp_size / total.clamp_min(eps)
+        ce_r = (ce * ce_w).sum() / weights.ce_div
+        ntl_r = (ntl * ntl_w).sum() / weights.ntl_div
     return CENTLOutput(ce_r + config.active_weight * ntl_r, ce_r, ntl_r, ce, ntl,
                        per_token.yhat, per_token.mass, ntl_mask, valid, per_token.correct,
-                       label_value, is_number, ntl_count, ce_count)
+                       label_value, is_number, weights.ntl_count, weights.ce_count)

@@ -11,8 +11,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .statistics import (OpSpec, combine, gradient_terms, label_rows, labels_fingerprint,
-                         save_for_backward, saved_tensors)
+from .statistics import (GradientTerms, OpSpec, RowLabels, RowStatistics, combine,
+                         gradient_terms, label_rows, labels_fingerprint, save_for_backward,
+                         saved_tensors)
 
 # Logits per chunk (fp32 scratch, 4 MiB): bounds memory beyond the gradient; measured on CPU,
 # chunks that stay in cache beat 16 MiB ones by ~30 %.
@@ -80,6 +81,25 @@ def _torch_write_gradient(z: torch.Tensor, shift: torch.Tensor, negative: torch.
         o.mul_(sign[r0:r1])  # while the chunk is in cache; no host read of the signs
 
 
+def write_exact_columns(grad: torch.Tensor, terms: GradientTerms, label_logit: torch.Tensor,
+                        rows: RowLabels, stats: RowStatistics, shard: VocabShard) -> None:
+    """Overwrite the number-token columns and the label's column of ``grad`` (which holds the
+    common term ``sign * exp(z - shift)`` everywhere) with their exact fp32 values;
+    ``label_logit`` is the label's logit (fp32; any value where the label is off-shard)."""
+    grad.index_copy_(1, shard.number_ids, terms.number_grad.to(grad.dtype))
+    label_number = shard.column_to_number[rows.target_local]
+    q_label = torch.exp(label_logit - stats.lse)
+    label_grad = torch.where(
+        label_number >= 0,
+        terms.number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
+        if shard.number_ids.numel() else torch.zeros_like(q_label),
+        q_label * terms.full_coef) - terms.g_ce
+    every_row = torch.arange(grad.shape[0], device=grad.device)
+    kept = grad[every_row, rows.target_local]  # rows whose label is elsewhere keep column 0
+    grad.index_put_((every_row, rows.target_local),
+                    torch.where(rows.in_shard, label_grad.to(grad.dtype), kept))
+
+
 def _backend_passes(backend: str):
     if backend == "triton":
         from .triton_logits import row_statistics, write_gradient
@@ -122,21 +142,9 @@ class LogitsCENTL(torch.autograd.Function):
         zn = z.index_select(1, shard.number_ids).float()
         terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, stats, shard, spec)
         grad = torch.empty_like(z)
+        label_logit = z.gather(1, rows.target_local.unsqueeze(1)).squeeze(1).float()
         write_gradient(z, terms.shift, terms.negative, grad)
-        # exact fp32 values then overwrite the number columns and the label's column
-        grad.index_copy_(1, shard.number_ids, terms.number_grad.to(grad.dtype))
-        label_number = shard.column_to_number[rows.target_local]
-        q_label = torch.exp(z.gather(1, rows.target_local.unsqueeze(1)).squeeze(1).float()
-                            - stats.lse)
-        label_grad = torch.where(
-            label_number >= 0,
-            terms.number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
-            if shard.number_ids.numel() else torch.zeros_like(q_label),
-            q_label * terms.full_coef) - terms.g_ce
-        every_row = torch.arange(z.shape[0], device=z.device)
-        kept = grad[every_row, rows.target_local]  # rows whose label is elsewhere keep column 0
-        grad.index_put_((every_row, rows.target_local),
-                        torch.where(rows.in_shard, label_grad.to(grad.dtype), kept))
+        write_exact_columns(grad, terms, label_logit, rows, stats, shard)
         return grad, None, None, None, None
 
 
