@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..numbers import VocabShard
+from .math import exp_shifted
 from .hidden import Blocking, _mm_into, _spans, recompute_gradients
 from .logits import write_exact_columns
 from .statistics import (OpSpec, PerToken, RowLabels, RowStatistics, combine, gradient_terms,
@@ -24,7 +25,7 @@ from .statistics import (OpSpec, PerToken, RowLabels, RowStatistics, combine, gr
 
 # The chunk's logits buffer plus the hidden-state gradient stay within this fraction of the
 # fp32 [T, V_local] logits (the materialised path holds them and their gradient: >= 2x that).
-LOGITS_FRACTION = 0.075
+LOGITS_FRACTION = 0.065
 # Fewer tokens per chunk re-read the weight shard (and dW) more often than the GEMMs pay for.
 MIN_TOKEN_CHUNK = 64
 
@@ -96,7 +97,7 @@ class HiddenCENTLReduced(torch.autograd.Function):
             # one exp pass: z <- exp(z - row max); the gradient is a row scaling of it
             top = z.amax(-1)
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            z.sub_(top.unsqueeze(1)).exp_()
+            exp_shifted(z, top.unsqueeze(1), out=z)
             lse_local = torch.log(z.sum(-1)) + top
             labels_fp = labels_fingerprint(labels1d[t0:t1]) if shard.parallel else None
             out_c, stats_c = combine(lse_local, zn_c, target, r, shard, spec, nonfinite,

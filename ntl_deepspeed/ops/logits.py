@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
+from .math import exp_shifted
 from .statistics import (GradientTerms, OpSpec, RowLabels, RowStatistics, combine,
                          gradient_terms, label_rows, labels_fingerprint, save_for_backward,
                          saved_tensors)
@@ -56,12 +57,15 @@ def _torch_row_statistics(z: torch.Tensor, target_local: torch.Tensor, in_shard:
     """(log-sum-exp of each row fp32, the label's logit fp32 (0 off-shard), non-finite count)."""
     lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
     buf = _scratch(z)
+    low_precision = z.dtype != torch.float32
     for r0, r1 in _row_chunks(z.shape[0], z.shape[1]):
         chunk, b = z[r0:r1], buf[: r1 - r0]
-        top = chunk.amax(-1, keepdim=True).float()
+        if low_precision:  # one explicit conversion; mixed-dtype ops would copy per op
+            chunk = b.copy_(chunk)
+        top = chunk.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        torch.sub(chunk, top, out=b)  # promotes bf16/fp16 to fp32
-        lse[r0:r1] = torch.log(b.exp_().sum(-1)) + top.squeeze(1)
+        exp_shifted(chunk, top, out=b)  # in place for a converted chunk
+        lse[r0:r1] = torch.log(b.sum(-1)) + top.squeeze(1)
     target = z.gather(1, target_local.unsqueeze(1)).squeeze(1).float()
     nonfinite = (~torch.isfinite(z)).sum() if count_nonfinite else None
     return lse, torch.where(in_shard, target, torch.zeros_like(target)), nonfinite
@@ -70,15 +74,16 @@ def _torch_row_statistics(z: torch.Tensor, target_local: torch.Tensor, in_shard:
 def _torch_write_gradient(z: torch.Tensor, shift: torch.Tensor, negative: torch.Tensor,
                           out: torch.Tensor) -> None:
     """``out = +-exp(z - shift)`` row by row, fp32 math, one rounding into ``out``'s dtype."""
-    sign = torch.where(negative, -1.0, 1.0).to(out.dtype).unsqueeze(1)  # exact in any dtype
-    buf = None if z.dtype == torch.float32 else _scratch(z)
+    sign = torch.where(negative, -1.0, 1.0).unsqueeze(1)  # exact in any dtype
+    buf = None if z.dtype == torch.float32 and out.dtype == torch.float32 else _scratch(z)
     for r0, r1 in _row_chunks(z.shape[0], z.shape[1]):
         o = out[r0:r1]
         if buf is None:  # fp32: compute in the gradient itself
-            torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=o).exp_()
-        else:  # fp32 in a cached scratch chunk, rounded once into the gradient's dtype
-            torch.exp(torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=buf[: r1 - r0]), out=o)
-        o.mul_(sign[r0:r1])  # while the chunk is in cache; no host read of the signs
+            exp_shifted(z[r0:r1], shift[r0:r1].unsqueeze(1), out=o).mul_(sign[r0:r1])
+        else:  # explicit conversions into and out of a cached fp32 chunk, one rounding
+            b = buf[: r1 - r0].copy_(z[r0:r1])
+            exp_shifted(b, shift[r0:r1].unsqueeze(1), out=b).mul_(sign[r0:r1])
+            o.copy_(b)
 
 
 def write_exact_columns(grad: torch.Tensor, terms: GradientTerms, label_logit: torch.Tensor,

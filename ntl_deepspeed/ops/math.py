@@ -53,3 +53,14 @@ def worst_loss(max_distance: float) -> float:
 def reweigh(loss: torch.Tensor, mass: torch.Tensor, max_distance: float) -> torch.Tensor:
     """Blend toward the worst loss by the probability mass placed off number tokens."""
     return mass * loss + worst_loss(max_distance) * (1 - mass)
+
+
+LOG2E = 1.4426950408889634
+
+
+def exp_shifted(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = exp(x - shift)`` (``shift`` broadcast, e.g. one per row) as
+    ``exp2(x * log2(e) - shift * log2(e))``: one multiply-add pass, then the vectorised exp2,
+    which is several times faster than exp on CPU (relative error ~ |x| * 1e-7 from the scaling;
+    ``shift = +inf`` gives 0). ``out`` may be ``x``."""
+    return torch.add(shift * -LOG2E, x, alpha=LOG2E, out=out).exp2_()
