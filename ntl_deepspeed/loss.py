@@ -56,8 +56,10 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
     ``shard`` comes from :meth:`NumberVocab.shard_for` (a NumberVocab means the whole vocab on
     one rank). ``loss_weights`` multiply both losses per token. Reduction ``mean``: CE over valid
     tokens (``F.cross_entropy``'s mean), NTL per ``config.normalization``. Collectives: 2 on the
-    shard's group in forward (see :mod:`ntl_deepspeed.ops.statistics`), plus one on ``dp_group``
-    for ``normalization='global'``; none in backward. No host synchronisation unless
+    shard's group in forward (see :mod:`ntl_deepspeed.ops.statistics`) -- per token chunk when
+    the fused head computes the reduced loss's gradients in its forward (docs/fused_head.md,
+    "Communication") -- plus one on ``dp_group`` for ``normalization='global'``; none in
+    backward. No host synchronisation unless
     ``config.check_inputs`` / ``check_finite``.
     """
     config = config or NTLConfig()

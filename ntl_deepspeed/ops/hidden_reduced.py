@@ -50,8 +50,8 @@ class HiddenCENTLReduced(torch.autograd.Function):
     gradient of ``sum_t coef_ce[t] * ce[t] + coef_ntl[t] * ntl[t]`` (the reduced loss), computed
     during the forward. Add ``anchor`` to the (detached) reduced loss.
 
-    Communication: see the contract in :mod:`.statistics` -- its two all-reduces per token
-    chunk here (``ceil(T / token_chunk)`` chunks); backward none. The hidden-state gradient is
+    Communication (stated in docs/fused_head.md, "Communication"): the two all-reduces of
+    :mod:`.statistics` once per token chunk (``ceil(T / token_chunk)`` chunks); backward none. The hidden-state gradient is
     this rank's partial sum over its vocab slice, as in :class:`.hidden.HiddenCENTL`. Work
     memory: one ``[token_chunk, V_local]`` fp32 buffer, the stored gradients (hidden: fp32
     ``[T, H]``; weight / bias: fp32, as the recomputing path returns them). No host
