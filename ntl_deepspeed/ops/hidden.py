@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
+from .math import exp_shifted
 from .statistics import (OpSpec, RowLabels, RowStatistics, combine, gradient_terms, label_rows,
                          labels_fingerprint, save_for_backward, saved_tensors)
 
@@ -99,7 +100,10 @@ class HiddenCENTL(torch.autograd.Function):
                 z = _block_logits(h, weight, bias, c0, c1, blocking)
                 if nonfinite is not None:
                     nonfinite += (~torch.isfinite(z)).sum()
-                lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
+                top = z.amax(-1, keepdim=True)
+                top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                block_lse = torch.log(exp_shifted(z, top, out=z).sum(-1)) + top.squeeze(1)
+                lse = torch.logaddexp(lse, block_lse)
             lse_local[t0:t1] = lse
             zn[t0:t1] = (h @ w_num.t()).float()
             cols = rows.target_local[t0:t1]
@@ -151,7 +155,8 @@ def recompute_gradients(hidden, weight, bias, zn, rows: RowLabels, stats: RowSta
         dh = d_hidden[t0:t1].zero_() if in_place else torch.zeros_like(h32)
         first = t0 == 0  # the first chunk writes dW / db, later ones accumulate
         for c0, c1 in _spans(weight.shape[0], blocking.block):
-            g = _block_logits(h, weight, bias, c0, c1, blocking).sub_(shift[t0:t1]).exp_()
+            g = _block_logits(h, weight, bias, c0, c1, blocking)
+            exp_shifted(g, shift[t0:t1], out=g)
             g.mul_(sign[t0:t1])
             g_gemm = g.to(blocking.gemm_dtype)
             _mm_into(dh, g_gemm, weight[c0:c1].to(blocking.gemm_dtype), accumulate=True)
