@@ -320,3 +320,22 @@ def test_deprecated_aliases_still_work_and_warn():
     with pytest.warns(DeprecationWarning), \
             pytest.raises(ValueError, match="vocab_start_index=3 was given without a tensor-"):
         vocab_parallel_ce_ntl(logits[..., 3:], labels, vocab, None, vocab_start_index=3)
+
+
+def test_large_gradient_buffer_matches_cross_entropy():
+    """A gradient above the huge-page threshold (ops/buffers.py: madvise before the first write)
+    holds the same values as F.cross_entropy's (NTL off, so CE alone)."""
+    from ntl_deepspeed.ops.buffers import _MIN_BYTES
+
+    g = torch.Generator().manual_seed(0)
+    rows, width = 96, _MIN_BYTES // (4 * 64)
+    tokens = [f"t{i}" for i in range(width)]
+    tokens[5] = "7"
+    logits = (torch.randn(rows, width, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, width, (rows,), generator=g)
+    out = ce_ntl(labels, NumberVocab.from_tokens(tokens), NTLConfig(enabled=False), logits=logits)
+    out.loss.backward()
+    ref = logits.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(ref, labels).backward()
+    assert logits.grad.nbytes >= _MIN_BYTES
+    torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-5, atol=1e-9)

@@ -35,9 +35,9 @@ def _madvise():
 _MADVISE = _madvise()
 
 
-def empty_like_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(t)`` (contiguous), on CPU advised to use huge pages when large."""
-    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+def empty_huge_pages(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty(shape, dtype=, device=)``, on CPU advised to use huge pages when large."""
+    out = torch.empty(shape, dtype=dtype, device=device)
     if out.device.type == "cpu" and _MADVISE is not None and out.nbytes >= _MIN_BYTES:
         start = (out.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)  # whole huge pages only
         end = (out.data_ptr() + out.nbytes) & ~(_HUGE_PAGE - 1)

@@ -18,6 +18,7 @@ import torch
 
 from ..numbers import VocabShard
 from .math import exp_shifted
+from .buffers import empty_huge_pages
 from .hidden import Blocking, _mm_into, _spans, recompute_gradients
 from .logits import write_exact_columns
 from .statistics import (OpSpec, PerToken, RowLabels, RowStatistics, combine, gradient_terms,
@@ -72,14 +73,14 @@ class HiddenCENTLReduced(torch.autograd.Function):
         stats = RowStatistics(*(torch.empty(tokens, **f32) for _ in range(5)))
         zn = torch.empty(tokens, shard.number_ids.numel(), **f32)
         d_hidden = torch.empty(hidden.shape, **f32) if need_h else None
-        d_weight = torch.zeros(weight.shape, **f32) if need_w else None
+        d_weight = empty_huge_pages(weight.shape, **f32).zero_() if need_w else None
         d_bias = torch.zeros(width, **f32) if need_b else None
         gemm = blocking.gemm_dtype
         # operands already in the GEMM dtype: one GEMM over the whole shard; else converted
         # block by block (bounded memory)
         spans = [(0, width)] if weight.dtype == gemm else list(_spans(width, blocking.block))
         bias32 = None if bias is None else bias.float()
-        buf = torch.empty(min(blocking.token_chunk, tokens), width, **f32)
+        buf = empty_huge_pages((min(blocking.token_chunk, tokens), width), **f32)
         for t0, t1 in _spans(tokens, blocking.token_chunk):
             h, z, r = hidden[t0:t1].to(gemm), buf[: t1 - t0], _rows_of(rows, t0, t1)
             for c0, c1 in spans:

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .buffers import empty_like_huge_pages
+from .buffers import empty_huge_pages
 from .math import exp_shifted
 from .statistics import (GradientTerms, OpSpec, RowLabels, RowStatistics, combine,
                          gradient_terms, label_rows, labels_fingerprint, save_for_backward,
@@ -147,7 +147,7 @@ class LogitsCENTL(torch.autograd.Function):
         _, write_gradient = _backend_passes(ctx.backend)
         zn = z.index_select(1, shard.number_ids).float()
         terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, stats, shard, spec)
-        grad = empty_like_huge_pages(z)
+        grad = empty_huge_pages(z.shape, z.dtype, z.device)
         label_logit = z.gather(1, rows.target_local.unsqueeze(1)).squeeze(1).float()
         write_gradient(z, terms.shift, terms.negative, grad)
         write_exact_columns(grad, terms, label_logit, rows, stats, shard)
