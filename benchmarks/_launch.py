@@ -24,6 +24,26 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def child_error(stdout: str, stderr: str, limit: int = 6000) -> str:
+    """What a failed child said about its failure: its last Python traceback (stderr, else
+    stdout) to the end, else the tails of both streams."""
+    for text in (stderr or "", stdout or ""):
+        at = text.rfind("Traceback (most recent call last)")
+        if at >= 0:
+            return text[at:][-limit:]
+    return f"stdout (tail):\n{(stdout or '')[-limit // 2:]}\nstderr (tail):\n{(stderr or '')[-limit // 2:]}"
+
+
+def run_child(cmd, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` capturing its output; a non-zero exit raises with the child's own
+    error (:func:`child_error`), not just its exit status."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited with status {proc.returncode}:\n"
+                           f"{child_error(proc.stdout, proc.stderr)}")
+    return proc
+
+
 def run_pretrain(out_dir: str, config: str, model: str, *extra: str, ranks: int = 2,
                  timeout: float = 1800) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
@@ -32,9 +52,7 @@ def run_pretrain(out_dir: str, config: str, model: str, *extra: str, ranks: int 
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
            str(_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
            config, "--model", model, "--output-dir", out_dir, "--no-plot", "--no-save", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    run_child(cmd, cwd=ROOT, env=env, timeout=timeout)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     with open(os.path.join(out_dir, "run_info.json")) as f:

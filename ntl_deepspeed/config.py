@@ -71,7 +71,9 @@ class NTLConfig:
     fused_block_size: Optional[int] = option(None, "fused head: vocab columns per block "
                                                    "(default: 1024 on CPU, 4096 on CUDA)", ge=1)
     fused_token_chunk: Optional[int] = option(None, "fused head: tokens per chunk (default: "
-                                                    "2048 on CPU, 8192 on CUDA)", ge=1)
+                                                    "from a memory budget when the gradients "
+                                                    "are computed in the forward, else 2048 "
+                                                    "on CPU, 8192 on CUDA)", ge=1)
     backend: str = option("auto", "kernels of the logits path: torch, triton, or auto (triton "
                                   "on CUDA when importable)", choices=BACKENDS)
 

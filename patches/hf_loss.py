@@ -29,7 +29,7 @@ class HFLoss:
     and ``vocab_start_index``); ``dp_group`` for ``normalization="global"``; ``on_output``
     receives every :class:`CENTLOutput` (metrics). ``sp_group`` / ``sp_grads_averaged``:
     sequence parallelism (DeepSpeed Ulysses; ``dp_group`` then spans the data x sequence
-    parallel ranks), see :func:`ntl_deepspeed.loss.normalise`.
+    parallel ranks), see :func:`ntl_deepspeed.loss.token_weights`.
 
     One ``"ntl"`` section means the same NTL strength everywhere. Without
     ``num_items_in_batch`` the loss is this micro-batch's ``CE + lambda * NTL`` (CE per valid

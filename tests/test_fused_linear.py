@@ -101,6 +101,14 @@ def worker(rank, world, uneven):
         forward_calls = list(calls)
         out.loss.backward()
     assert forward_calls == ["all_reduce", "all_reduce"] and calls == forward_calls, calls
+    # the reduced loss's gradients come from the forward: its 2 all-reduces run per token chunk
+    h = hidden.clone().requires_grad_()
+    with recorded_collectives() as calls:
+        out = ce_ntl(labels, vocab.shard_for(end - start, dist.group.WORLD, start),
+                     NTLConfig(fused_token_chunk=7), hidden=h, head_weight=weight[start:end])
+        forward_calls = list(calls)
+        out.loss.backward()
+    assert forward_calls == ["all_reduce"] * 8 and calls == forward_calls, calls  # 24 = 7+7+7+3
 
 
 @pytest.mark.parametrize("world,uneven", [(2, False), (3, True)])
@@ -143,3 +151,93 @@ def test_number_correct_of_the_fused_head(gemm_dtype):
     extra = int((~expected & out.number_correct)[clear].sum())
     assert (missed, extra) == (0, 0), f"of {int(clear.sum())} clear rows, {missed} winners " \
                                       f"not 'correct', {extra} losers 'correct'"
+
+
+def _both_paths(labels, vocab, cfg, hidden, weight, bias, differentiate, **kwargs):
+    """``differentiate(out)`` backpropagated through the fused head and through the materialised
+    logits path; returns the two (value, grads) pairs."""
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        b = bias.clone().requires_grad_()
+        if fused:
+            out = ce_ntl(labels, vocab, cfg, hidden=h, head_weight=w, head_bias=b, **kwargs)
+        else:
+            out = ce_ntl(labels, vocab, cfg, logits=h @ w.t() + b, **kwargs)
+        value = differentiate(out)
+        value.backward()
+        results.append((value.detach(), h.grad, w.grad, b.grad))
+    return results
+
+
+@pytest.mark.parametrize("reduction,normalization,weighted", [
+    ("mean", "micro_batch", False), ("mean", "token", True), ("mean", "global", True),
+    ("sum", "micro_batch", True)])
+def test_reduced_loss_gradients_from_the_forward(reduction, normalization, weighted):
+    """The reduced loss (gradients computed in the forward), also combined with per-token
+    outputs (their gradients recomputed in the backward), against the materialised path."""
+    vocab, hidden, weight, bias, labels = make_case(3)
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1)) * 2 \
+        if weighted else None
+    cfg = NTLConfig(kind="was", reweigh=True, normalization=normalization, fused_token_chunk=5)
+    for differentiate in (lambda o: o.loss,
+                          lambda o: 0.5 * o.loss + (o.ce_per_token * 0.3).sum() + o.ntl,
+                          lambda o: o.predicted_value.sum() + 2 * o.number_mass.sum()):
+        fused, ref = _both_paths(labels, vocab, cfg, hidden, weight, bias, differentiate,
+                                 loss_weights=weights, reduction=reduction)
+        for got, want in zip(fused, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing(use_reentrant):
+    """Under checkpointing the head's forward runs twice (the first time without grad for the
+    reentrant variant); the gradients equal those of a plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    vocab, hidden, weight, bias, labels = make_case(4)
+    cfg = NTLConfig(kind="mse", reweigh=True, fused_token_chunk=7)
+    grads = []
+    for wrapped in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+
+        def loss(h, w):
+            return ce_ntl(labels, vocab, cfg, hidden=h * 1.0, head_weight=w).loss
+
+        value = checkpoint(loss, h, w, use_reentrant=use_reentrant) if wrapped else loss(h, w)
+        value.backward()
+        grads.append((value.detach(), h.grad, w.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_no_gradient_work_without_grad():
+    """No grad (evaluation, the first pass of reentrant checkpointing): one head GEMM per
+    vocab block, no gradient GEMMs; with grad: three head GEMMs over the whole shard."""
+    from op_counter import count_dispatched_ops
+
+    vocab, hidden, weight, _, labels = make_case(0)
+    cfg = NTLConfig(kind="was", fused_block_size=8, fused_token_chunk=24)
+
+    def run(grad):
+        h, w = hidden.clone().requires_grad_(grad), weight.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = ce_ntl(labels, vocab, cfg, hidden=h, head_weight=w)
+        if grad:
+            out.loss.backward()
+
+    def head_gemms(per_op):
+        return sum(n for op, n in per_op.items() if op.split(".")[1] in ("mm", "addmm", "addmm_"))
+    _, _, without = count_dispatched_ops(run, False)
+    _, _, with_grad = count_dispatched_ops(run, True)
+    assert head_gemms(without) == 5 + 1  # 37 columns in blocks of 8, + the number columns
+    assert head_gemms(with_grad) == 3  # logits, hidden gradient, weight gradient
+
+
+def test_second_backward_is_refused():
+    vocab, hidden, weight, _, labels = make_case(0)
+    h = hidden.clone().requires_grad_()
+    out = ce_ntl(labels, vocab, NTLConfig(), hidden=h, head_weight=weight)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        out.loss.backward()

@@ -296,3 +296,22 @@ def worker_ties_and_bad_shards(rank, world):
 
 def test_ties_and_bad_shards_on_two_ranks():
     run_distributed(worker_ties_and_bad_shards, 2, timeout=120)
+
+
+def test_large_gradient_buffer_matches_cross_entropy():
+    """A gradient above the huge-page threshold (ops/buffers.py: madvise before the first write)
+    holds the same values as F.cross_entropy's (NTL off, so CE alone)."""
+    from ntl_deepspeed.ops.buffers import _MIN_BYTES
+
+    g = torch.Generator().manual_seed(0)
+    rows, width = 96, _MIN_BYTES // (4 * 64)
+    tokens = [f"t{i}" for i in range(width)]
+    tokens[5] = "7"
+    logits = (torch.randn(rows, width, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, width, (rows,), generator=g)
+    out = ce_ntl(labels, NumberVocab.from_tokens(tokens), NTLConfig(enabled=False), logits=logits)
+    out.loss.backward()
+    ref = logits.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(ref, labels).backward()
+    assert logits.grad.nbytes >= _MIN_BYTES
+    torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-5, atol=1e-9)

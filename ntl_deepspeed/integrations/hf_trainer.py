@@ -87,7 +87,7 @@ class NTLTrainer(Trainer):
     def _sequence_parallel_loss(model, inputs, return_outputs: bool):
         """Ulysses SP (``ParallelismConfig(sp_backend="deepspeed")``): our loss already is the
         whole micro-batch's on every SP rank, with this rank's share as its gradient
-        (:func:`ntl_deepspeed.loss.normalise`). transformers' ``deepspeed_sp_compute_loss``
+        (:func:`ntl_deepspeed.loss.token_weights`). transformers' ``deepspeed_sp_compute_loss``
         would re-weight each rank's loss by its valid tokens -- right for CE alone, not for an
         NTL normalised over the whole sequence's number labels -- so it is not used."""
         if "labels" not in inputs and "shift_labels" in inputs:

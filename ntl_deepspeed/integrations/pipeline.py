@@ -15,7 +15,7 @@ output and the micro-batch's labels (already shifted: aligned with the outputs).
 either logits ``[..., V]`` (any head) or, from :class:`FusedLMHead` in training, the head's
 inputs -- then the loss is computed from the hidden states block by block and the logits never
 exist. The last stage holds whole sequences, so the normalisation is the plain one
-(:func:`ntl_deepspeed.loss.normalise`); pipeline parallelism adds no collective to the loss.
+(:func:`ntl_deepspeed.loss.token_weights`); pipeline parallelism adds no collective to the loss.
 DeepSpeed averages the micro-batches' losses over gradient accumulation, as without pipeline.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Under Ulysses each rank of a sequence-parallel (SP) group holds a contiguous slice of the same
 sequences (``UlyssesSPDataLoaderAdapter`` hands it pre-shifted ``shift_labels``), so the loss
 of a micro-batch is the sum of the ranks' shares over *the whole sequence's* counts
-(:func:`ntl_deepspeed.loss.normalise`: one all-reduce of 4 floats on the SP group). DeepSpeed
+(:func:`ntl_deepspeed.loss.token_weights`: two all-reduces of 2 floats on the SP group). DeepSpeed
 reduces gradients over the data x sequence parallel group: ZeRO 0-2 sum them over the SP ranks
 (they divide by the DP size only), ZeRO-3 averages them (``runtime/comm/coalesced_collectives``),
 so there each share is scaled by the SP size.

@@ -14,8 +14,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .statistics import (OpSpec, combine, gradient_terms, label_rows, labels_fingerprint,
-                         save_for_backward, saved_tensors)
+from .math import exp_shifted
+from .statistics import (OpSpec, RowLabels, RowStatistics, combine, gradient_terms, label_rows,
+                         labels_fingerprint, save_for_backward, saved_tensors)
 
 # (vocab columns per block, tokens per chunk). CPU: buffers that stay in cache; CUDA: fewer,
 # larger GEMMs (launch count), [chunk, block] fp32 = 128 MiB.
@@ -99,7 +100,10 @@ class HiddenCENTL(torch.autograd.Function):
                 z = _block_logits(h, weight, bias, c0, c1, blocking)
                 if nonfinite is not None:
                     nonfinite += (~torch.isfinite(z)).sum()
-                lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
+                top = z.amax(-1, keepdim=True)
+                top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                block_lse = torch.log(exp_shifted(z, top, out=z).sum(-1)) + top.squeeze(1)
+                lse = torch.logaddexp(lse, block_lse)
             lse_local[t0:t1] = lse
             zn[t0:t1] = (h @ w_num.t()).float()
             cols = rows.target_local[t0:t1]
@@ -120,46 +124,56 @@ class HiddenCENTL(torch.autograd.Function):
     def backward(ctx, g_ce, g_ntl, g_yhat, g_mass, _g_correct):
         (hidden, weight, bias, zn), rows, stats = saved_tensors(ctx)
         bias = bias if ctx.has_bias else None
-        shard, spec, blocking = ctx.shard, ctx.spec, ctx.blocking
-        terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, stats, shard, spec)
-        sign = torch.where(terms.negative, -1.0, 1.0).unsqueeze(1)
-        shift = terms.shift.unsqueeze(1)
-        # the block loop treats every column alike; the number columns (number_grad instead)
-        # and the label's column (-g_ce more) are corrected after it, in fp32
-        corr_n = terms.number_grad - torch.exp(zn - shift) * sign
-        label_coef = torch.where(rows.in_shard, -terms.g_ce, torch.zeros_like(terms.g_ce))
-        w_num = weight.index_select(0, shard.number_ids).float()
-        d_hidden = torch.empty_like(hidden)
-        d_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        d_bias = None if bias is None else torch.empty(bias.shape, dtype=torch.float32,
-                                                       device=bias.device)
-        in_place = hidden.dtype == torch.float32  # accumulate straight into the output
-        for t0, t1 in _spans(max(hidden.shape[0], 1), blocking.token_chunk):  # >= 1: writes dW
-            h = hidden[t0:t1].to(blocking.gemm_dtype)
-            h32 = hidden[t0:t1].float()
-            dh = d_hidden[t0:t1].zero_() if in_place else torch.zeros_like(h32)
-            first = t0 == 0  # the first chunk writes dW / db, later ones accumulate
-            for c0, c1 in _spans(weight.shape[0], blocking.block):
-                g = _block_logits(h, weight, bias, c0, c1, blocking).sub_(shift[t0:t1]).exp_()
-                g.mul_(sign[t0:t1])
-                g_gemm = g.to(blocking.gemm_dtype)
-                _mm_into(dh, g_gemm, weight[c0:c1].to(blocking.gemm_dtype), accumulate=True)
-                _mm_into(d_weight[c0:c1], g_gemm.t(), h, accumulate=not first)
-                if d_bias is not None:
-                    d_bias[c0:c1] = g.sum(0) if first else d_bias[c0:c1] + g.sum(0)
-            cols, coef = rows.target_local[t0:t1], label_coef[t0:t1].unsqueeze(1)
-            dh.addmm_(corr_n[t0:t1], w_num)
-            dh.add_(coef * weight.index_select(0, cols).float())
-            d_weight.index_add_(0, shard.number_ids, corr_n[t0:t1].t() @ h32)
-            d_weight.index_add_(0, cols, coef * h32)
+        d_hidden, d_weight, d_bias = recompute_gradients(
+            hidden, weight, bias, zn, rows, stats, (g_ce, g_ntl, g_yhat, g_mass), ctx.shard,
+            ctx.spec, ctx.blocking)
+        return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else
+                d_bias.to(bias.dtype), None, None, None, None)
+
+
+def recompute_gradients(hidden, weight, bias, zn, rows: RowLabels, stats: RowStatistics, grads,
+                        shard: VocabShard, spec: OpSpec, blocking: Blocking):
+    """Gradients of hidden (its dtype), weight and bias (fp32) for the per-token output
+    gradients ``grads`` = (ce, ntl, y-hat, mass), recomputing every logits block from the saved
+    statistics: one more head GEMM than the logits' own forward + backward."""
+    terms = gradient_terms(grads, zn, rows, stats, shard, spec)
+    sign = torch.where(terms.negative, -1.0, 1.0).unsqueeze(1)
+    shift = terms.shift.unsqueeze(1)
+    # the block loop treats every column alike; the number columns (number_grad instead)
+    # and the label's column (-g_ce more) are corrected after it, in fp32
+    corr_n = terms.number_grad - torch.exp(zn - shift) * sign
+    label_coef = torch.where(rows.in_shard, -terms.g_ce, torch.zeros_like(terms.g_ce))
+    w_num = weight.index_select(0, shard.number_ids).float()
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    d_bias = None if bias is None else torch.empty(bias.shape, dtype=torch.float32,
+                                                   device=bias.device)
+    in_place = hidden.dtype == torch.float32  # accumulate straight into the output
+    for t0, t1 in _spans(max(hidden.shape[0], 1), blocking.token_chunk):  # >= 1: writes dW
+        h = hidden[t0:t1].to(blocking.gemm_dtype)
+        h32 = hidden[t0:t1].float()
+        dh = d_hidden[t0:t1].zero_() if in_place else torch.zeros_like(h32)
+        first = t0 == 0  # the first chunk writes dW / db, later ones accumulate
+        for c0, c1 in _spans(weight.shape[0], blocking.block):
+            g = _block_logits(h, weight, bias, c0, c1, blocking)
+            exp_shifted(g, shift[t0:t1], out=g)
+            g.mul_(sign[t0:t1])
+            g_gemm = g.to(blocking.gemm_dtype)
+            _mm_into(dh, g_gemm, weight[c0:c1].to(blocking.gemm_dtype), accumulate=True)
+            _mm_into(d_weight[c0:c1], g_gemm.t(), h, accumulate=not first)
             if d_bias is not None:
-                d_bias.index_add_(0, shard.number_ids, corr_n[t0:t1].sum(0))
-                d_bias.index_add_(0, cols, coef.squeeze(1))
-            if not in_place:
-                d_hidden[t0:t1] = dh
+                d_bias[c0:c1] = g.sum(0) if first else d_bias[c0:c1] + g.sum(0)
+        cols, coef = rows.target_local[t0:t1], label_coef[t0:t1].unsqueeze(1)
+        dh.addmm_(corr_n[t0:t1], w_num)
+        dh.add_(coef * weight.index_select(0, cols).float())
+        d_weight.index_add_(0, shard.number_ids, corr_n[t0:t1].t() @ h32)
+        d_weight.index_add_(0, cols, coef * h32)
         if d_bias is not None:
-            d_bias = d_bias.to(bias.dtype)
-        return d_hidden, d_weight.to(weight.dtype), d_bias, None, None, None, None
+            d_bias.index_add_(0, shard.number_ids, corr_n[t0:t1].sum(0))
+            d_bias.index_add_(0, cols, coef.squeeze(1))
+        if not in_place:
+            d_hidden[t0:t1] = dh
+    return d_hidden, d_weight, d_bias
 
 
 def hidden_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

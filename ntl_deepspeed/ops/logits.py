@@ -11,8 +11,11 @@ from typing import Tuple
 import torch
 
 from ..numbers import VocabShard
-from .statistics import (OpSpec, combine, gradient_terms, label_rows, labels_fingerprint,
-                         save_for_backward, saved_tensors)
+from .buffers import empty_huge_pages
+from .math import exp_shifted
+from .statistics import (GradientTerms, OpSpec, RowLabels, RowStatistics, combine,
+                         gradient_terms, label_rows, labels_fingerprint, save_for_backward,
+                         saved_tensors)
 
 # Logits per chunk (fp32 scratch, 4 MiB): bounds memory beyond the gradient; measured on CPU,
 # chunks that stay in cache beat 16 MiB ones by ~30 %.
@@ -55,12 +58,15 @@ def _torch_row_statistics(z: torch.Tensor, target_local: torch.Tensor, in_shard:
     """(log-sum-exp of each row fp32, the label's logit fp32 (0 off-shard), non-finite count)."""
     lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
     buf = _scratch(z)
+    low_precision = z.dtype != torch.float32
     for r0, r1 in _row_chunks(z.shape[0], z.shape[1]):
         chunk, b = z[r0:r1], buf[: r1 - r0]
-        top = chunk.amax(-1, keepdim=True).float()
+        if low_precision:  # one explicit conversion; mixed-dtype ops would copy per op
+            chunk = b.copy_(chunk)
+        top = chunk.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        torch.sub(chunk, top, out=b)  # promotes bf16/fp16 to fp32
-        lse[r0:r1] = torch.log(b.exp_().sum(-1)) + top.squeeze(1)
+        exp_shifted(chunk, top, out=b)  # in place for a converted chunk
+        lse[r0:r1] = torch.log(b.sum(-1)) + top.squeeze(1)
     target = z.gather(1, target_local.unsqueeze(1)).squeeze(1).float()
     nonfinite = (~torch.isfinite(z)).sum() if count_nonfinite else None
     return lse, torch.where(in_shard, target, torch.zeros_like(target)), nonfinite
@@ -69,15 +75,35 @@ def _torch_row_statistics(z: torch.Tensor, target_local: torch.Tensor, in_shard:
 def _torch_write_gradient(z: torch.Tensor, shift: torch.Tensor, negative: torch.Tensor,
                           out: torch.Tensor) -> None:
     """``out = +-exp(z - shift)`` row by row, fp32 math, one rounding into ``out``'s dtype."""
-    sign = torch.where(negative, -1.0, 1.0).to(out.dtype).unsqueeze(1)  # exact in any dtype
-    buf = None if z.dtype == torch.float32 else _scratch(z)
+    sign = torch.where(negative, -1.0, 1.0).unsqueeze(1)  # exact in any dtype
+    buf = None if z.dtype == torch.float32 and out.dtype == torch.float32 else _scratch(z)
     for r0, r1 in _row_chunks(z.shape[0], z.shape[1]):
         o = out[r0:r1]
         if buf is None:  # fp32: compute in the gradient itself
-            torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=o).exp_()
-        else:  # fp32 in a cached scratch chunk, rounded once into the gradient's dtype
-            torch.exp(torch.sub(z[r0:r1], shift[r0:r1].unsqueeze(1), out=buf[: r1 - r0]), out=o)
-        o.mul_(sign[r0:r1])  # while the chunk is in cache; no host read of the signs
+            exp_shifted(z[r0:r1], shift[r0:r1].unsqueeze(1), out=o).mul_(sign[r0:r1])
+        else:  # explicit conversions into and out of a cached fp32 chunk, one rounding
+            b = buf[: r1 - r0].copy_(z[r0:r1])
+            exp_shifted(b, shift[r0:r1].unsqueeze(1), out=b).mul_(sign[r0:r1])
+            o.copy_(b)
+
+
+def write_exact_columns(grad: torch.Tensor, terms: GradientTerms, label_logit: torch.Tensor,
+                        rows: RowLabels, stats: RowStatistics, shard: VocabShard) -> None:
+    """Overwrite the number-token columns and the label's column of ``grad`` (which holds the
+    common term ``sign * exp(z - shift)`` everywhere) with their exact fp32 values;
+    ``label_logit`` is the label's logit (fp32; any value where the label is off-shard)."""
+    grad.index_copy_(1, shard.number_ids, terms.number_grad.to(grad.dtype))
+    label_number = shard.column_to_number[rows.target_local]
+    q_label = torch.exp(label_logit - stats.lse)
+    label_grad = torch.where(
+        label_number >= 0,
+        terms.number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
+        if shard.number_ids.numel() else torch.zeros_like(q_label),
+        q_label * terms.full_coef) - terms.g_ce
+    every_row = torch.arange(grad.shape[0], device=grad.device)
+    kept = grad[every_row, rows.target_local]  # rows whose label is elsewhere keep column 0
+    grad.index_put_((every_row, rows.target_local),
+                    torch.where(rows.in_shard, label_grad.to(grad.dtype), kept))
 
 
 def _backend_passes(backend: str):
@@ -120,22 +146,10 @@ class LogitsCENTL(torch.autograd.Function):
         _, write_gradient = _backend_passes(ctx.backend)
         zn = z.index_select(1, shard.number_ids).float()
         terms = gradient_terms((g_ce, g_ntl, g_yhat, g_mass), zn, rows, stats, shard, spec)
-        grad = torch.empty_like(z)
+        grad = empty_huge_pages(z.shape, z.dtype, z.device)
+        label_logit = z.gather(1, rows.target_local.unsqueeze(1)).squeeze(1).float()
         write_gradient(z, terms.shift, terms.negative, grad)
-        # exact fp32 values then overwrite the number columns and the label's column
-        grad.index_copy_(1, shard.number_ids, terms.number_grad.to(grad.dtype))
-        label_number = shard.column_to_number[rows.target_local]
-        q_label = torch.exp(z.gather(1, rows.target_local.unsqueeze(1)).squeeze(1).float()
-                            - stats.lse)
-        label_grad = torch.where(
-            label_number >= 0,
-            terms.number_grad.gather(1, label_number.clamp_min(0).unsqueeze(1)).squeeze(1)
-            if shard.number_ids.numel() else torch.zeros_like(q_label),
-            q_label * terms.full_coef) - terms.g_ce
-        every_row = torch.arange(z.shape[0], device=z.device)
-        kept = grad[every_row, rows.target_local]  # rows whose label is elsewhere keep column 0
-        grad.index_put_((every_row, rows.target_local),
-                        torch.where(rows.in_shard, label_grad.to(grad.dtype), kept))
+        write_exact_columns(grad, terms, label_logit, rows, stats, shard)
         return grad, None, None, None, None
 
 

@@ -53,3 +53,14 @@ def worst_loss(max_distance: float) -> float:
 def reweigh(loss: torch.Tensor, mass: torch.Tensor, max_distance: float) -> torch.Tensor:
     """Blend toward the worst loss by the probability mass placed off number tokens."""
     return mass * loss + worst_loss(max_distance) * (1 - mass)
+
+
+LOG2E = 1.4426950408889634
+
+
+def exp_shifted(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = exp(x - shift)`` (``shift`` broadcast, e.g. one per row) as
+    ``exp2((x - shift) * log2(e))``: the vectorised exp2 is several times faster than exp on
+    CPU; the scaling of the (already small) difference adds ~1e-7 relative error to the
+    exponent. ``shift = +inf`` gives 0. ``out`` may be ``x``."""
+    return torch.sub(x, shift, out=out).mul_(LOG2E).exp2_()

@@ -4,7 +4,7 @@ ds_config's ``"sequence_parallel_size"``).
 The N ranks of an SP group train on the same micro-batch: each takes its contiguous slice of
 every sequence (inputs ``block[:-1]``, pre-shifted labels ``block[1:]``, global positions), as
 DeepSpeed's ``UlyssesSPDataLoaderAdapter`` does; Ulysses' attention all-to-alls the slices and
-the loss (``ntl_deepspeed.loss.normalise``) all-reduces the counts over the group. Data replicas
+the loss (``ntl_deepspeed.loss.token_weights``) all-reduces the counts over the group. Data replicas
 (which blocks a rank reads) are the SP groups: ``world / N`` of them.
 """
 from __future__ import annotations
