@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterable, Optional
 
 KINDS = ("was", "mse", "l1", "huber", "number_level")
 MODES = ("digits", "integers", "floats")
+# reweigh: the reference's factor on the worst distance, charged for mass off number tokens
+REWEIGH_MARGIN = 1.01
 NORMALIZATIONS = ("micro_batch", "global", "token")
 BACKENDS = ("auto", "torch", "triton")
 REDUCTIONS = ("mean", "sum", "none")

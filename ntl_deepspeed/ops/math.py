@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-REWEIGH_MARGIN = 1.01  # the reference's factor on the max distance for mass off number tokens
+from ..config import REWEIGH_MARGIN
 
 
 def number_distance(values: torch.Tensor, target: torch.Tensor,
