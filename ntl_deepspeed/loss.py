@@ -18,7 +18,8 @@ from .ops.hidden import Blocking, hidden_statistics
 from .ops.hidden_reduced import budget_token_chunk, reduced_hidden_statistics
 from .ops.logits import logits_statistics
 from .ops.math import reweigh
-from .ops.statistics import OpSpec, PerToken, fail_together, local_verdict
+from .ops.header import fail_together, local_verdict
+from .ops.statistics import OpSpec, PerToken
 from .parallel import SequenceParallel, group_size
 
 

@@ -15,8 +15,9 @@ import torch
 
 from ..numbers import VocabShard
 from .math import exp_shifted
+from .header import labels_fingerprint
 from .statistics import (OpSpec, RowLabels, RowStatistics, combine, gradient_terms, label_rows,
-                         labels_fingerprint, save_for_backward, saved_tensors)
+                         save_for_backward, saved_tensors)
 
 # (vocab columns per block, tokens per chunk). CPU: buffers that stay in cache; CUDA: fewer,
 # larger GEMMs (launch count), [chunk, block] fp32 = 128 MiB.

@@ -21,8 +21,9 @@ from .math import exp_shifted
 from .buffers import empty_huge_pages
 from .hidden import Blocking, _mm_into, _spans, recompute_gradients
 from .logits import write_exact_columns
+from .header import labels_fingerprint
 from .statistics import (OpSpec, PerToken, RowLabels, RowStatistics, combine, gradient_terms,
-                         label_rows, labels_fingerprint, save_for_backward, saved_tensors)
+                         label_rows, save_for_backward, saved_tensors)
 
 # The chunk's logits buffer plus the hidden-state gradient stay within this fraction of the
 # fp32 [T, V_local] logits (the materialised path holds them and their gradient: >= 2x that).

@@ -13,9 +13,9 @@ import torch
 from ..numbers import VocabShard
 from .buffers import empty_huge_pages
 from .math import exp_shifted
-from .statistics import (GradientTerms, OpSpec, RowLabels, RowStatistics, combine,
-                         gradient_terms, label_rows, labels_fingerprint, save_for_backward,
-                         saved_tensors)
+from .header import labels_fingerprint
+from .statistics import (GradientTerms, OpSpec, RowLabels, RowStatistics, combine, gradient_terms,
+                         label_rows, save_for_backward, saved_tensors)
 
 # Logits per chunk (fp32 scratch, 4 MiB): bounds memory beyond the gradient; measured on CPU,
 # chunks that stay in cache beat 16 MiB ones by ~30 %.
