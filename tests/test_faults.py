@@ -12,19 +12,13 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from launch_utils import gone, kill_all, metrics, start, wait_for, workers
+from cases import V, vocab37
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl
 from ntl_deepspeed.integrations.deepspeed import (check_half_precision, check_ranks_agree,
                                                   split_config)
 from ntl_deepspeed.numbers.token_sources import read_pieces
 
-V = 37
-
-
-def tp_vocab():
-    tokens = [f"w{i}" for i in range(V)]
-    for digit, i in enumerate([3, 7, 11, 14, 19, 23, 26, 30, 33, 36]):
-        tokens[i] = str(digit)
-    return NumberVocab.from_tokens(tokens)
+tp_vocab = vocab37
 
 
 # ---------------------------------------------------------------------- tensor-parallel ranks

@@ -7,21 +7,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cases import V, vocab37
 from dist_utils import recorded_collectives, run_distributed
-from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss
+from ntl_deepspeed import NTLConfig, ce_ntl, ntl_loss
 from ntl_deepspeed.numbers import partition_bounds
 
-V, H, T = 37, 16, 24
+H, T = 16, 24
 CONFIGS = [NTLConfig(kind="was"), NTLConfig(kind="was", reweigh=True, squash_factor=3.0),
            NTLConfig(kind="mse", reweigh=True), NTLConfig(kind="huber"),
            NTLConfig(kind="number_level")]
 
 
 def make_case(seed, dtype=torch.float32):
-    tokens = [f"w{i}" for i in range(V)]
-    for d, i in enumerate([3, 7, 11, 14, 19, 23, 26, 30, 33, 36]):
-        tokens[i] = str(d)
-    vocab = NumberVocab.from_tokens(tokens)
+    vocab = vocab37()
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2, T // 2, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.5

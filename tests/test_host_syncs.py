@@ -17,21 +17,16 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl
+from cases import V, vocab37
+from ntl_deepspeed import NTLConfig, ce_ntl
 from ntl_deepspeed.numbers import partition_bounds
 from sync_counter import SYNC_METHODS, counting_host_syncs
 
-V, H = 37, 8
-NUMBER_IDS = [3, 7, 11, 14, 19, 23, 26, 30, 33, 36]  # on both ranks at TP 2
+H = 8
 KINDS = ["was", "mse", "l1", "huber", "number_level", "off"]
 
 
-def make_vocab():
-    tokens = [f"w{i}" for i in range(V)]
-    for digit, i in enumerate(NUMBER_IDS):
-        tokens[i] = str(digit)
-    tokens[20] = "."
-    return NumberVocab.from_tokens(tokens)
+make_vocab = vocab37  # digits on both ranks at TP 2
 
 
 def make_batch(vocab, seed=0, shape=(2, 9)):

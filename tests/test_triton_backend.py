@@ -9,24 +9,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cases import V, vocab37
 from dist_utils import run_distributed
 
 if importlib.util.find_spec("triton") is None:  # not importorskip: triton must first be
     pytest.skip("triton is not installed", allow_module_level=True)  # imported interpreted
 
-V = 37
 CONFIGS = [dict(kind="was"), dict(kind="was", reweigh=True, squash_factor=3.0),
            dict(kind="mse", reweigh=True), dict(kind="l1"), dict(kind="huber"),
            dict(kind="number_level"), dict(enabled=False)]
 
 
 def make_case(seed, tokens_per_row=12, rows=2, dtype=torch.float32):
-    from ntl_deepspeed import NumberVocab
-
-    names = [f"w{i}" for i in range(V)]
-    for d, i in enumerate([3, 7, 11, 14, 19, 23, 26, 30, 33, 36]):
-        names[i] = str(d)
-    vocab = NumberVocab.from_tokens(names)
+    vocab = vocab37()
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, tokens_per_row, V, generator=g) * 2).to(dtype)
     labels = torch.randint(0, V, (rows, tokens_per_row), generator=g)

@@ -6,22 +6,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import recorded_collectives, run_distributed
+from cases import V, vocab37
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl, ntl_loss
 from ntl_deepspeed.numbers import partition_bounds
 
-V = 37  # prime: uneven shards at TP 2, 3, 4
-
-
-def make_vocab(layout):
-    """Number tokens spread over the vocab, all on the first shard, or only in the last ids."""
-    tokens = [f"w{i}" for i in range(V)]
-    ids = {"spread": [3, 7, 11, 14, 19, 23, 26, 30, 33, 36],
-           "first_shard": list(range(0, 10)),
-           "tail": list(range(V - 10, V))}[layout]
-    for digit, i in enumerate(ids):
-        tokens[i] = str(digit)
-    tokens[20] = "."
-    return NumberVocab.from_tokens(tokens)
+make_vocab = vocab37  # layouts: "spread", "first_shard", "tail"
 
 
 def make_batch(vocab, seed, shape=(3, 11)):
