@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -22,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _launch import run_child  # noqa: E402
+from _harness import run_child, seconds, spawn_ranks  # noqa: E402
 from loss_op import _status_kb, reset_peak_rss, token_list  # noqa: E402
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl  # noqa: E402
 from ntl_deepspeed.numbers import partition_bounds  # noqa: E402
@@ -47,13 +46,9 @@ def step(path, vocab, hidden, weight, labels, start, group, block, chunk):
     cfg = NTLConfig(kind="was", weight=0.3, fused_block_size=block,
                     fused_token_chunk=chunk or None)  # 0: the op's default
     shard = vocab.shard_for(w.shape[0], group, start if group is not None else None)
-    t0 = time.perf_counter()
     if path == "fused":
-        out = ce_ntl(labels, shard, cfg, hidden=h, head_weight=w)
-    else:
-        out = ce_ntl(labels, shard, cfg, logits=h @ w.t())
-    out.loss.backward()
-    return time.perf_counter() - t0
+        return seconds(lambda: ce_ntl(labels, shard, cfg, hidden=h, head_weight=w).loss.backward())
+    return seconds(lambda: ce_ntl(labels, shard, cfg, logits=h @ w.t()).loss.backward())
 
 
 def measure(path, t, h, v, block, chunk, reps, rank=0, world=1, group=None):
@@ -117,19 +112,7 @@ def main():
             torch.set_num_threads(2)
             print(json.dumps(measure(path, t, h, v, block, chunk, reps)))
             return
-        import tempfile
-
-        import torch.multiprocessing as mp
-
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from dist_utils import free_port
-
-        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            job = (t, h, v, block, chunk, reps, path)
-            mp.start_processes(_tp_worker, args=(world, free_port(), job, tmp.name),
-                               nprocs=world, start_method="spawn")
-            with open(tmp.name) as f:
-                print(json.dumps(json.load(f)))
+        print(json.dumps(spawn_ranks(_tp_worker, world, (t, h, v, block, chunk, reps, path))))
         return
 
     t, h = (512, 256) if args.quick else (4096, 1024)

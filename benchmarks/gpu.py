@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -33,6 +32,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _harness import free_port  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "gpu.json")
 SHAPES = [(8, 2048, 32000), (8, 2048, 128256)]  # (batch, sequence, vocab)
@@ -81,10 +83,7 @@ def megatron_logits():
         raise Unsupported(f"megatron-core not importable: {e}") from None
     try:
         if not dist.is_initialized():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}",
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}",
                                     world_size=1, rank=0)
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(1, 1)

@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _launch import run_child  # noqa: E402
+from _harness import run_child, seconds, spawn_ranks  # noqa: E402
 from ntl_deepspeed import NTLConfig, NumberVocab, ce_ntl  # noqa: E402
 
 SHAPES = [(8, 512, 32000), (2, 512, 128256)]
@@ -88,9 +87,7 @@ def make_step(variant, vocab, labels, v):
 
 def timed(step, logits):
     x = logits.clone().requires_grad_()
-    t0 = time.perf_counter()
-    step(x).backward()
-    return time.perf_counter() - t0
+    return seconds(lambda: step(x).backward())
 
 
 def time_all(shape, dtype_name, reps):
@@ -158,15 +155,12 @@ def _tp_worker(rank, world, port, shape, reps, out_path):
     def megatron_step():
         x = shard.clone().requires_grad_()
         y = x.clone()  # megatron overwrites its input: give it a copy made before timing
-        t0 = time.perf_counter()
-        vocab_parallel_cross_entropy(y, target).mean().backward()
-        return time.perf_counter() - t0
+        return seconds(lambda: vocab_parallel_cross_entropy(y, target).mean().backward())
 
     def ours_step():
         x = shard.clone().requires_grad_()
-        t0 = time.perf_counter()
-        ce_ntl(target, vocab.shard_for(x.shape[-1], group), cfg, logits=x).loss.backward()
-        return time.perf_counter() - t0
+        return seconds(lambda: ce_ntl(target, vocab.shard_for(x.shape[-1], group), cfg,
+                                      logits=x).loss.backward())
 
     counts = {}
     real = dist.all_reduce
@@ -198,18 +192,7 @@ def _tp_worker(rank, world, port, shape, reps, out_path):
 
 
 def run_tp(shape, reps):
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from dist_utils import free_port
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        mp.start_processes(_tp_worker, args=(2, free_port(), shape, reps, tmp.name), nprocs=2,
-                           start_method="spawn")
-        with open(tmp.name) as f:
-            return json.load(f)
+    return spawn_ranks(_tp_worker, 2, shape, reps)
 
 
 # ------------------------------------------------------------------ driver

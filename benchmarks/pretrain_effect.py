@@ -33,7 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._launch import run_pretrain  # noqa: E402
+from benchmarks._harness import run_pretrain  # noqa: E402
 from benchmarks._stats import mean_sd, t_interval  # noqa: E402
 
 LOSSES = {"ce": {"kind": "was", "weight": 0.0}, "ce+ntl_was": {"kind": "was", "weight": 0.3},

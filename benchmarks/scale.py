@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _launch import ROOT, _port, mistral_tokenizer, write_json  # noqa: E402
+from _harness import ROOT, free_port, mistral_tokenizer, write_json  # noqa: E402
 
 VOCAB = 128256  # Llama-3's
 DS_CONFIG = os.path.join(ROOT, "configs", "zero3_cpu_nvme_3b.json")
@@ -281,7 +281,7 @@ def run(args, layers: int) -> dict:
                PYTHONPATH=ROOT)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(_port()), os.path.abspath(__file__), "--worker", "--result", result,
+           str(free_port()), os.path.abspath(__file__), "--worker", "--result", result,
            "--ds-config", args.ds_config, "--model", model_file(args.model, layers, tmp),
            "--nvme-dir", nvme_dir, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed)]

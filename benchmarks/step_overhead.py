@@ -15,7 +15,7 @@ import os
 import statistics
 import tempfile
 
-from _launch import ROOT, mistral_tokenizer, run_pretrain, write_json
+from _harness import ROOT, mistral_tokenizer, run_pretrain, write_json
 
 MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,

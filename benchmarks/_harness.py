@@ -1,4 +1,5 @@
-"""Run launch/pretrain.py under the deepspeed launcher and read back its metrics."""
+"""What every benchmark shares: timing a step, free ports, spawning gloo ranks, running child
+processes (a failure shows the child's own error), launching our trainer, writing results."""
 from __future__ import annotations
 
 import glob
@@ -7,6 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,10 +22,29 @@ def mistral_tokenizer() -> str:
                                   "tokenizer.model.v1"))[0]
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def seconds(step: Callable[[], object]) -> float:
+    """Wall time of one call of ``step`` (inputs prepared by the caller, outside it)."""
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def spawn_ranks(worker, world: int, *args):
+    """Run ``worker(rank, world, port, *args, out_path)`` on ``world`` spawned processes (gloo on
+    ``port``); returns the JSON that rank 0 wrote to ``out_path``."""
+    import torch.multiprocessing as mp
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        mp.start_processes(worker, args=(world, free_port(), *args, tmp.name), nprocs=world,
+                           start_method="spawn")
+        with open(tmp.name) as f:
+            return json.load(f)
 
 
 def child_error(stdout: str, stderr: str, limit: int = 6000) -> str:
@@ -50,7 +73,7 @@ def run_pretrain(out_dir: str, config: str, model: str, *extra: str, ranks: int 
                PYTHONPATH=ROOT)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
-           str(_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
+           str(free_port()), os.path.join(ROOT, "launch", "pretrain.py"), "--deepspeed_config",
            config, "--model", model, "--output-dir", out_dir, "--no-plot", "--no-save", *extra]
     run_child(cmd, cwd=ROOT, env=env, timeout=timeout)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
