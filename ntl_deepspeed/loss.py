@@ -59,12 +59,11 @@ def ce_ntl(labels: torch.Tensor, shard: Union[VocabShard, NumberVocab],
     ``labels`` are global ids (already shifted), identical on every rank of the shard's group.
     ``shard`` comes from :meth:`NumberVocab.shard_for` (a NumberVocab means the whole vocab on
     one rank). ``loss_weights`` multiply both losses per token. Reduction ``mean``: CE over valid
-    tokens (``F.cross_entropy``'s mean), NTL per ``config.normalization``. Collectives: 2 on the
-    shard's group in forward (see :mod:`ntl_deepspeed.ops.statistics`) -- per token chunk when
-    the fused head computes the reduced loss's gradients in its forward (docs/fused_head.md,
-    "Communication") -- plus one on ``dp_group`` for ``normalization='global'``; none in
-    backward. No host synchronisation unless
-    ``config.check_inputs`` / ``check_finite``.
+    tokens (``F.cross_entropy``'s mean), NTL per ``config.normalization``. Collectives
+    (docs/API_CONTRACT.md#communication): 2 on the shard's group in forward -- per token chunk
+    when the fused head computes the reduced loss's gradients in its forward -- plus one on
+    ``dp_group`` for ``normalization='global'``; none in backward. No host synchronisation
+    unless ``config.check_inputs`` / ``check_finite``.
 
     Sequence parallelism (``sp_group``: the ranks holding slices of the same sequences, e.g.
     DeepSpeed Ulysses; ``dp_group`` then spans data x sequence parallel ranks): see

@@ -52,7 +52,7 @@ class HiddenCENTLReduced(torch.autograd.Function):
     gradient of ``sum_t coef_ce[t] * ce[t] + coef_ntl[t] * ntl[t]`` (the reduced loss), computed
     during the forward. Add ``anchor`` to the (detached) reduced loss.
 
-    Communication (stated in docs/fused_head.md, "Communication"): the two all-reduces of
+    Communication (docs/API_CONTRACT.md#communication): the two all-reduces of
     :mod:`.statistics` once per token chunk (``ceil(T / token_chunk)`` chunks); backward none. The hidden-state gradient is
     this rank's partial sum over its vocab slice, as in :class:`.hidden.HiddenCENTL`. Work
     memory: one ``[token_chunk, V_local]`` fp32 buffer, the stored gradients (hidden: fp32
