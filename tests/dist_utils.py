@@ -76,3 +76,13 @@ def recorded_collectives():
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+
+
+def end_launched_worker() -> None:
+    """End a worker of a launcher (deepspeed, mpirun) once its results are written: barrier,
+    destroy the process group, flush, ``os._exit(0)`` -- gloo can otherwise abort the process at
+    interpreter exit after correct output."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)

@@ -166,3 +166,21 @@ def mtp_tracker():
         if key in tracker:
             return tracker[key]
     return None
+
+
+@contextlib.contextmanager
+def recorded_ce_ntl():
+    """Yields a list receiving 'hidden' or 'logits' for every ce_ntl call of the patch/hook."""
+    from ntl_deepspeed.patches import megatron_heads as heads
+
+    real, calls = heads.ce_ntl, []
+
+    def recording(*a, **k):
+        calls.append("hidden" if k.get("hidden") is not None else "logits")
+        return real(*a, **k)
+
+    heads.ce_ntl = recording
+    try:
+        yield calls
+    finally:
+        heads.ce_ntl = real

@@ -13,7 +13,6 @@ MTP loss: absolute 2e-5; gradients: rtol 1e-4, atol 1e-5 per element).
 On megatron-core 0.16 only the GPTModel cases run (no HybridModel, MuP or output_processor); on
 0.17 MambaModel (HybridModel's predecessor, same inline post-processing) stands in for HybridModel.
 """
-import contextlib
 
 import pytest
 import torch
@@ -25,24 +24,6 @@ from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
 
 TOL = 2e-5
 WEIGHT = 0.3
-
-
-@contextlib.contextmanager
-def recorded_ce_ntl():
-    """Yields a list receiving 'hidden' or 'logits' for every ce_ntl call of the patch/hook."""
-    from ntl_deepspeed.patches import megatron_heads as heads
-
-    real, calls = heads.ce_ntl, []
-
-    def recording(*a, **k):
-        calls.append("hidden" if k.get("hidden") is not None else "logits")
-        return real(*a, **k)
-
-    heads.ce_ntl = recording
-    try:
-        yield calls
-    finally:
-        heads.ce_ntl = real
 
 
 def count_head_gemms(model):
@@ -125,7 +106,7 @@ def run_patched(case, data, train=True, processor=None):
     if tracker is not None:
         tracker.zero_()
     extra = {} if processor is None else {"output_processor": processor}
-    with recorded_ce_ntl() as calls:
+    with mm.recorded_ce_ntl() as calls:
         loss = model(ids, pos, causal, labels=labels, **extra)
     if train:
         loss.sum().backward()
@@ -359,7 +340,7 @@ def worker_pipeline(rank, world):
         ref_grads = mm.grads(ref_model)
         for fused in (False, True):
             patch.apply(vocab, NTLConfig(weight=WEIGHT, fused_head=fused, fused_block_size=5))
-            with recorded_ce_ntl() as calls:
+            with mm.recorded_ce_ntl() as calls:
                 model, losses = run_pipeline(rank, None)  # with labels: the per-token loss
             expected = ["hidden" if fused else "logits"] * 2 if rank == 1 else []
             assert calls == expected, (rank, calls)

@@ -1,7 +1,6 @@
 """The Megatron-core patch on a real TP=2 GPTModel (megatron-core 0.16 to 0.19, CPU, gloo):
 sequence parallelism, shared weights, MTP at TP=1, stacking, flags. HybridModel, MTP at TP=2, MuP
 and the output_processor hook: tests/test_megatron_models.py."""
-import contextlib
 import functools
 
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from ntl_deepspeed import NTLConfig, NumberVocab, ntl_loss
 
-from megatron_models import (TOKENS, VOCAB, batch, cpu_shims, grads,
+from megatron_models import (TOKENS, VOCAB, batch, cpu_shims, grads, recorded_ce_ntl,
                              torch_norm_with_sequence_parallel)
 from megatron_models import build_gpt as build_model
 
@@ -31,24 +30,6 @@ def megatron_methods():
 
     return (LanguageModule.__dict__["compute_language_model_loss"],
             GPTModel.__dict__["_postprocess"])
-
-
-@contextlib.contextmanager
-def recorded_ce_ntl(patch):
-    """Yields a list that receives 'logits' or 'hidden' for every ce_ntl call of the patch."""
-    from ntl_deepspeed.patches import megatron_heads as heads
-
-    real, calls = heads.ce_ntl, []
-
-    def recording(*a, **k):
-        calls.append("hidden" if k.get("hidden") is not None else "logits")
-        return real(*a, **k)
-
-    heads.ce_ntl = recording
-    try:
-        yield calls
-    finally:
-        heads.ce_ntl = real
 
 
 CASES = [("was", False, False), ("mse", True, False), ("was", False, True)]  # kind, share, SP
@@ -93,7 +74,7 @@ def check_gpt_case(world, kind, share, sp):
             assert patch.is_applied() and patch.current_settings().config == cfg
             assert tuple(m.__wrapped__ for m in megatron_methods()) == originals  # not stacked
             model = build_model(share=share, sequence_parallel=sp)
-            with recorded_ce_ntl(patch) as calls:
+            with recorded_ce_ntl() as calls:
                 loss = model(ids, pos, causal, labels=labels)  # [b, s] per-token loss
             assert calls == ["hidden" if fused else "logits"], calls
             torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
@@ -180,7 +161,7 @@ def worker_mtp(rank, world):
                 model.output_layer.register_forward_hook(
                     lambda m, i, o: outputs.append(o[0].shape))
                 tracker[key].zero_()
-                with recorded_ce_ntl(patch) as calls:
+                with recorded_ce_ntl() as calls:
                     loss = model(ids, pos, causal, labels=labels)
                 main = ["hidden" if fused else "logits"]
                 assert calls == (["logits"] if include_mtp else []) + main, calls

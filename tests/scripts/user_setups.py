@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deepspeed  # noqa: E402
+from dist_utils import end_launched_worker  # noqa: E402
 
 from ntl_deepspeed import NumberVocab, ntl_loss  # noqa: E402
 from ntl_deepspeed.integrations.deepspeed import model_layout  # noqa: E402
@@ -102,10 +103,7 @@ def main():
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"ours": row, "reference": ref}, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    end_launched_worker()
 
 
 if __name__ == "__main__":
