@@ -94,7 +94,8 @@ def test_initialize_refuses_sp_with_autotp_before_deepspeed():
     with pytest.raises(ValueError, match="with AutoTP is not supported"):
         ntl_deepspeed.initialize(torch.nn.Linear(2, 2), {
             "sequence_parallel_size": 2, "data_parallel_size": 1,
-            "tensor_parallel": {"autotp_size": 2}, "ntl": {}}, vocab=object())
+            "tensor_parallel": {"autotp_size": 2}, "ntl": {}},
+            vocab=ntl_deepspeed.NumberVocab.from_tokens([str(i) for i in range(10)]))
 
 
 def test_our_trainer_sp2_equals_one_rank(tmp_path):
@@ -126,15 +127,16 @@ def test_our_trainer_sp2_equals_one_rank(tmp_path):
 
 
 def test_our_trainer_refuses_what_sp_cannot_do():
-    import argparse
+    import dataclasses
 
+    from ntl_deepspeed.train.cli import parse_args
     from ntl_deepspeed.train.sequence_parallel import check_arguments, sequence_parallel_size
 
-    args = argparse.Namespace(sequence_parallel=2, eval_fraction=0.1, eval_data=None,
-                              generate_eval=0, plain_ce=False)
+    args = parse_args(["--deepspeed_config", "ds.json", "--model", "m.json",
+                       "--sequence-parallel", "2", "--eval-fraction", "0.1"])
     with pytest.raises(ValueError, match="evaluation.*not supported"):
         check_arguments(args, 2, 64, 2, 1)
-    args.eval_fraction = 0.0
+    args = dataclasses.replace(args, eval_fraction=0.0)
     with pytest.raises(ValueError, match="--seq-len 63 is not a multiple"):
         check_arguments(args, 2, 63, 2, 1)
     with pytest.raises(ValueError, match="AutoTP"):
@@ -142,7 +144,7 @@ def test_our_trainer_refuses_what_sp_cannot_do():
     check_arguments(args, 2, 64, 2, 1)
     with pytest.raises(ValueError, match='says "sequence_parallel_size": 4'):
         sequence_parallel_size(args, {"sequence_parallel_size": 4})
-    assert sequence_parallel_size(argparse.Namespace(sequence_parallel=None),
+    assert sequence_parallel_size(dataclasses.replace(args, sequence_parallel=None),
                                   {"sequence_parallel_size": 2}) == 2
 
 

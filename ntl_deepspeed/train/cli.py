@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from .device import configure
+from .options import TrainOptions
 
 # of every collective and of the rendezvous: long enough for a checkpoint save or an evaluation
 # (every rank takes part in both), short enough that a stalled rank or a missing node is noticed
@@ -134,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+def parse_args(argv=None) -> TrainOptions:
+    """The command line as :class:`~.options.TrainOptions` (parsed once)."""
+    return TrainOptions.from_namespace(build_parser().parse_args(argv))
 
 
 def require_train_extra(plot: bool = True) -> None:

@@ -78,8 +78,7 @@ def generate_eval(trainer, n: int, path: str) -> Optional[Dict]:
     from .data.encode import text_decoder, text_encoder
 
     args = trainer.args
-    held_out = not getattr(args, "data", None) and getattr(args, "eval_split", "") == \
-        "problems" and (getattr(args, "eval_fraction", 0) or 0) > 0
+    held_out = args.held_out_problems
     prompts = arithmetic_prompts(n, args.eval_fraction if held_out else 0.0)
     encode, eos = text_encoder(trainer.tokenizer)
     decode = text_decoder(trainer.tokenizer)

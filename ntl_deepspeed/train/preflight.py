@@ -126,8 +126,9 @@ def check(argv: Optional[Sequence[str]] = None) -> None:
     check_sequence_parallel(args)
     check_model_config(args.model)
     for option in ("data", "eval_data"):
-        if getattr(args, option, None):
-            check_data(getattr(args, option), "--" + option.replace("_", "-"))
+        paths = getattr(args, option)  # the two path options, by name
+        if paths:
+            check_data(paths, "--" + option.replace("_", "-"))
     if args.tokenizer is not None:
         check_tokenizer(args.tokenizer)
     if args.resume:

@@ -10,17 +10,20 @@ the loss (``ntl_deepspeed.loss.token_weights``) all-reduces the counts over the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from .options import TrainOptions
 
-def sequence_parallel_size(args, ds_config: dict) -> int:
+
+def sequence_parallel_size(args: "TrainOptions", ds_config: dict) -> int:
     """The SP size from ``--sequence-parallel`` and the ds_config (they must agree); the
     returned config carries it under ``"sequence_parallel_size"``."""
     from_config = int(ds_config.get("sequence_parallel_size", 1) or 1)
-    from_args = getattr(args, "sequence_parallel", None)
+    from_args = args.sequence_parallel
     if from_args is not None and "sequence_parallel_size" in ds_config and \
             from_args != from_config:
         raise ValueError(f"--sequence-parallel {from_args} but the DeepSpeed config says "
@@ -28,7 +31,7 @@ def sequence_parallel_size(args, ds_config: dict) -> int:
     return from_config if from_args is None else from_args
 
 
-def check_arguments(args, sp_size: int, seq_len: int, world_size: int, autotp: int) -> None:
+def check_arguments(args: "TrainOptions", sp_size: int, seq_len: int, world_size: int, autotp: int) -> None:
     """What our trainer does not combine with SP: a clear error before any work."""
     if sp_size <= 1:
         return
@@ -42,7 +45,7 @@ def check_arguments(args, sp_size: int, seq_len: int, world_size: int, autotp: i
     if args.eval_fraction or args.eval_data or args.generate_eval:
         problems.append("evaluation (--eval-fraction / --eval-data / --generate-eval) is not "
                         "supported with it")
-    if getattr(args, "plain_ce", False):
+    if args.plain_ce:
         problems.append("--plain-ce: the model's own loss is not sequence parallel")
     if problems:
         raise ValueError(f"sequence parallel size {sp_size}: " + "; ".join(problems))

@@ -21,9 +21,9 @@ from ..metrics import NTLMetrics
 from . import checkpoint, sequence_parallel
 from .data.sources import build_data
 from .activity import Activity
-from .cli import DEFAULT_DIST_TIMEOUT
 from .divergence import DivergenceGuard
 from .evaluation import Evaluator
+from .options import TrainOptions
 from .outputs import redirect_monitors
 
 
@@ -116,32 +116,33 @@ def _debug_nan(loss: torch.Tensor, step: int) -> torch.Tensor:
 
 @dataclass
 class Trainer:
-    args: object
+    """One training run: built once, fully, by :meth:`from_args`; then :meth:`train`."""
+
+    args: TrainOptions
     engine: object
     ds_config: dict
     ntl: NTLConfig
     vocab: NumberVocab
-    blocks: torch.Tensor
     dp_group: object
-    dp_rank: int
+    dp_rank: int              # which data replica this rank reads (the SP group's under SP)
     dp_size: int
     tp_size: int
-    hf_ds_config: object = None
-    metrics: NTLMetrics = None
+    hf_ds_config: object      # keeps HF's zero.Init config alive
+    metrics: NTLMetrics
+    data: object              # training batches (data/sources.py)
+    tokenizer: str
+    activity: Activity        # what this rank is doing, said when it makes no progress
+    slicer: object = None     # sequence parallelism: this rank's slice of each micro-batch
+    evaluator: object = None  # held-out evaluation (evaluation.py); needs the trainer
     history: List[Dict[str, float]] = field(default_factory=list)
     start_step: int = 0
-    data: object = None       # training batches (data/sources.py)
-    evaluator: object = None  # held-out evaluation (evaluation.py)
-    tokenizer: str = None
     generation: dict = None   # --generate-eval result (rank 0)
     started_at: float = field(default_factory=time.time)
     last_checkpoint: str = None  # the newest complete checkpoint (saved or resumed from)
-    slicer: object = None        # sequence parallelism: this rank's slice of each micro-batch
-    activity: Activity = None    # what this rank is doing, said when it makes no progress
 
     # ------------------------------------------------------------------ setup
     @classmethod
-    def from_args(cls, args) -> "Trainer":
+    def from_args(cls, args: TrainOptions) -> "Trainer":
         ds_config, ntl = split_config(args.deepspeed_config)
         if args.ntl_weight is not None:
             ntl = ntl.replace(weight=args.ntl_weight)
@@ -150,7 +151,7 @@ class Trainer:
         sp_size = sequence_parallel.sequence_parallel_size(args, ds_config)
         if sp_size > 1:
             ds_config = {**ds_config, "sequence_parallel_size": sp_size}
-        timeout = getattr(args, "dist_timeout", None) or DEFAULT_DIST_TIMEOUT
+        timeout = args.dist_timeout
         activity = Activity(timeout)
         join_process_group(args.mpi, timeout, activity)
         check_autotp_world(ds_config)
@@ -163,25 +164,25 @@ class Trainer:
                             tokenizer_size=tokenizer_size)
         engine, hf_ds_config, mpu = build_engine(args.model, vocab_size, ds_config, sp_size,
                                                  args.seq_len)
-        trainer = cls(args, engine, ds_config, ntl, vocab, None, None, 0, 1,
-                      autotp_size(ds_config), hf_ds_config, NTLMetrics(engine.device),
-                      activity=activity)
         layout = model_layout(engine.module)
-        if trainer.tp_size > 1 and layout.tp_group is None:
+        tp_size = autotp_size(ds_config)
+        if tp_size > 1 and layout.tp_group is None:
             raise RuntimeError("AutoTP did not make lm_head vocab-parallel: set "
                                '"tensor_parallel": {"vocab_parallel_lm_head": true}')
-        trainer.dp_group = layout.dp_group
+        metrics = NTLMetrics(engine.device)
         if not args.plain_ce:  # --plain-ce: the model's own loss (the baseline to compare with)
-            install(engine, config=ntl, vocab=vocab, on_output=trainer.metrics)
-        trainer.dp_rank = dist.get_rank(trainer.dp_group)
-        trainer.dp_size = dist.get_world_size(trainer.dp_group)
-        trainer.slicer = sequence_parallel.SequenceSlicer.from_mpu(mpu)
-        if trainer.slicer is not None:  # the ranks of an SP group read the same blocks
-            trainer.dp_rank, trainer.dp_size = sequence_parallel.data_replica(sp_size)
-        trainer.tokenizer = tokenizer
-        trainer.data, eval_batches = build_data(args, tokenizer, trainer.dp_rank, trainer.dp_size,
-                                                engine.train_micro_batch_size_per_gpu(),
-                                                ntl.ignore_index)
+            install(engine, config=ntl, vocab=vocab, on_output=metrics)
+        slicer = sequence_parallel.SequenceSlicer.from_mpu(mpu)
+        if slicer is None:
+            dp_rank, dp_size = dist.get_rank(layout.dp_group), dist.get_world_size(layout.dp_group)
+        else:  # the ranks of an SP group read the same blocks
+            dp_rank, dp_size = sequence_parallel.data_replica(sp_size)
+        data, eval_batches = build_data(args, tokenizer, dp_rank, dp_size,
+                                        engine.train_micro_batch_size_per_gpu(), ntl.ignore_index)
+        trainer = cls(args=args, engine=engine, ds_config=ds_config, ntl=ntl, vocab=vocab,
+                      dp_group=layout.dp_group, dp_rank=dp_rank, dp_size=dp_size, tp_size=tp_size,
+                      hf_ds_config=hf_ds_config, metrics=metrics, data=data, tokenizer=tokenizer,
+                      activity=activity, slicer=slicer)
         trainer.evaluator = Evaluator(trainer, eval_batches, args.eval_every)
         if args.resume:
             trainer.load()
@@ -207,7 +208,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.start_step, disable=not rank0, desc="pretrain",
                    dynamic_ncols=True, file=sys.stdout)
         gas = self.engine.gradient_accumulation_steps()
-        guard = DivergenceGuard(getattr(self.args, "max_nonfinite_steps", 3))
+        guard = DivergenceGuard(self.args.max_nonfinite_steps)
         for step in range(self.start_step, steps):  # one optimizer step = gas micro-batches
             self.activity.now(f"in training step {step + 1} (forward, backward, optimizer)")
             t0 = time.perf_counter()
@@ -299,7 +300,7 @@ class Trainer:
         self.activity.now(f"saving the step-{step} checkpoint")
         self.last_checkpoint = checkpoint.save(
             self.engine, self.checkpoint_dir(), step, {"step": step, **self.data_state()},
-            self.run_config(), keep=getattr(self.args, "keep_checkpoints", 3),
+            self.run_config(), keep=self.args.keep_checkpoints,
             log=self._log_rank0)
 
     def load(self) -> None:
@@ -307,7 +308,7 @@ class Trainer:
         files only, ``weights_only`` loads, the same setup unless --allow-config-change."""
         self.last_checkpoint, state = checkpoint.resume(
             self.engine, self.checkpoint_dir(), self.run_config(),
-            allow_change=getattr(self.args, "allow_config_change", False), log=self._log_rank0)
+            allow_change=self.args.allow_config_change, log=self._log_rank0)
         self.start_step = int(state["step"])
         self.restore_data(state)
 

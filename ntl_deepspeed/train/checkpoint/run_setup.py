@@ -25,13 +25,13 @@ def run_config(engine, args, ntl, tokenizer_path: Optional[str],
         tokenizer = file_digest(tokenizer_file(tokenizer_path)[1])[1]
     config = {
         "ntl": {k: v for k, v in ntl.to_dict().items() if k in LOSS_FIELDS},
-        "plain_ce": bool(getattr(args, "plain_ce", False)),
+        "plain_ce": args.plain_ce,
         "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
         "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
         "seq_len": args.seq_len,
         "model": model,
         "tokenizer_sha256": tokenizer,
-        "data": {k: getattr(args, k) for k in DATA_ARGS if hasattr(args, k)},
+        "data": {k: getattr(args, k) for k in DATA_ARGS},
     }
     config.update(extra or {})
     return json.loads(json.dumps(config))  # what the JSON file holds (tuples become lists)

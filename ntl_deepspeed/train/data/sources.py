@@ -117,11 +117,11 @@ def build_data(args, tokenizer: str, dp_rank: int, dp_size: int, micro_batch: in
 
     encode, eos = text_encoder(tokenizer)
     block_len = args.seq_len + 1
-    fraction = getattr(args, "eval_fraction", 0.0) or 0.0
-    want_eval = getattr(args, "eval_batches", 0) or 0
+    fraction = args.eval_fraction
+    want_eval = args.eval_batches
     n_eval = max(want_eval, 0) * micro_batch
     eval_blocks: List[List[int]] = []
-    data = getattr(args, "data", None)
+    data = args.data
     if data:
         files = list_files(data, "--data")
         train = StreamedBlocks(lambda position: PackedStream(
@@ -133,7 +133,7 @@ def build_data(args, tokenizer: str, dp_rank: int, dp_size: int, micro_batch: in
                 n_eval)
     else:
         sentences, held = generate_split(args.corpus_sentences, args.seed, fraction,
-                                         getattr(args, "eval_split", "problems"))
+                                         args.eval_split)
         blocks = [b for b in pack((encode(s) for s in sentences), eos, block_len)
                   if len(b) == block_len]
         if not blocks:
@@ -142,7 +142,7 @@ def build_data(args, tokenizer: str, dp_rank: int, dp_size: int, micro_batch: in
         train = EmbeddedBlocks(torch.tensor(blocks), dp_rank, dp_size, micro_batch)
         if held and n_eval:
             eval_blocks = pack((encode(s) for s in held), eos, block_len)[dp_rank::dp_size]
-    eval_data = getattr(args, "eval_data", None)
+    eval_data = args.eval_data
     if eval_data and n_eval:
         files = list_files(eval_data, "--eval-data")
         eval_blocks = _take(PackedStream(files, encode, eos, block_len, Selection(
