@@ -134,8 +134,10 @@ def worker(args) -> None:
     from ntl_deepspeed.integrations.deepspeed import install
     from ntl_deepspeed.numbers import NumberVocab
     from ntl_deepspeed.numbers.token_sources import read_pieces
-    from ntl_deepspeed.train.trainer import (build_engine, exit_worker, init_distributed,
-                                             token_blocks)
+    from ntl_deepspeed.train.data.corpus import generate
+    from ntl_deepspeed.train.data.encode import text_encoder
+    from ntl_deepspeed.train.data.sources import pack
+    from ntl_deepspeed.train.processes import build_engine, exit_worker, init_distributed
 
     init_distributed(mpi=False)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -143,11 +145,13 @@ def worker(args) -> None:
     tokenizer = mistral_tokenizer()
     pieces, tokenizer_size = read_pieces(tokenizer)
     vocab = NumberVocab(pieces, mode=ntl.mode, vocab_size=VOCAB, tokenizer_size=tokenizer_size)
-    blocks = token_blocks(tokenizer, 400, seed=0, seq_len=args.seq_len)
+    encode, eos = text_encoder(tokenizer)  # the trainer's packing of the embedded corpus
+    blocks = torch.tensor([b for b in pack((encode(s) for s in generate(400, 0)), eos,
+                                           args.seq_len + 1) if len(b) == args.seq_len + 1])
     torch.manual_seed(args.seed)  # the same initial weights run after run
     memory = PhaseMemory()
     t0 = time.perf_counter()
-    engine, _hf_config = build_engine(args.model, VOCAB, ds_config)  # keep _hf_config alive
+    engine, _hf_config, _ = build_engine(args.model, VOCAB, ds_config)  # keep _hf_config alive
     init_s = time.perf_counter() - t0
     memory.end("init")  # (the whole process so far)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())

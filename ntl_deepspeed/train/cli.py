@@ -161,7 +161,8 @@ def main(argv=None):
     configure()  # cuda/nccl or cpu/gloo, before DeepSpeed is imported
     import torch
 
-    from .trainer import Trainer, exit_worker
+    from .processes import exit_worker
+    from .trainer import Trainer
 
     torch.manual_seed(args.seed)
     try:
