@@ -92,20 +92,20 @@ def worker(rank, world, uneven):
     # the collective contract: 2 all-reduces in forward, none in backward
     vocab, hidden, weight, _, labels = make_case(0)
     start, end = bounds[rank]
-    h = hidden.clone().requires_grad_()
-    with recorded_collectives() as calls:
-        out = ce_ntl(labels, vocab.shard_for(end - start, dist.group.WORLD, start),
-                     NTLConfig(fused_block_size=8), hidden=h, head_weight=weight[start:end])
-        forward_calls = list(calls)
-        out.loss.backward()
+
+    def collectives(config):  # (in forward, in forward + backward)
+        h = hidden.clone().requires_grad_()
+        with recorded_collectives() as calls:
+            out = ce_ntl(labels, vocab.shard_for(end - start, dist.group.WORLD, start), config,
+                         hidden=h, head_weight=weight[start:end])
+            forward_calls = list(calls)
+            out.loss.backward()
+        return forward_calls, list(calls)
+
+    forward_calls, calls = collectives(NTLConfig(fused_block_size=8))
     assert forward_calls == ["all_reduce", "all_reduce"] and calls == forward_calls, calls
     # the reduced loss's gradients come from the forward: its 2 all-reduces run per token chunk
-    h = hidden.clone().requires_grad_()
-    with recorded_collectives() as calls:
-        out = ce_ntl(labels, vocab.shard_for(end - start, dist.group.WORLD, start),
-                     NTLConfig(fused_token_chunk=7), hidden=h, head_weight=weight[start:end])
-        forward_calls = list(calls)
-        out.loss.backward()
+    forward_calls, calls = collectives(NTLConfig(fused_token_chunk=7))
     assert forward_calls == ["all_reduce"] * 8 and calls == forward_calls, calls  # 24 = 7+7+7+3
 
 
