@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..numbers import VocabShard
-from .math import exp_shifted
+from .math import exp_shifted, row_shift
 from .header import labels_fingerprint
 from .statistics import (OpSpec, RowLabels, RowStatistics, combine, gradient_terms, label_rows,
                          save_for_backward, saved_tensors)
@@ -104,8 +104,7 @@ class HiddenCENTL(torch.autograd.Function):
                 z = _block_logits(h, weight, bias, c0, c1, blocking)
                 if nonfinite is not None:
                     nonfinite += (~torch.isfinite(z)).sum()
-                top = z.amax(-1, keepdim=True)
-                top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                top = row_shift(z)
                 block_lse = torch.log(exp_shifted(z, top, out=z).sum(-1)) + top.squeeze(1)
                 lse = torch.logaddexp(lse, block_lse)
             lse_local[t0:t1] = lse

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..numbers import VocabShard
-from .math import exp_shifted
+from .math import exp_shifted, row_shift
 from .buffers import empty_huge_pages
 from .hidden import Blocking, _mm_into, _spans, recompute_gradients
 from .logits import write_exact_columns
@@ -97,8 +97,7 @@ class HiddenCENTLReduced(torch.autograd.Function):
             label_logit = z.gather(1, r.target_local.unsqueeze(1)).squeeze(1)
             target = torch.where(r.in_shard, label_logit, torch.zeros_like(label_logit))
             # one exp pass: z <- exp(z - row max); the gradient is a row scaling of it
-            top = z.amax(-1)
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            top = row_shift(z).squeeze(1)
             exp_shifted(z, top.unsqueeze(1), out=z)
             lse_local = torch.log(z.sum(-1)) + top
             labels_fp = labels_fingerprint(labels1d[t0:t1]) if shard.parallel else None

@@ -12,7 +12,7 @@ import torch
 
 from ..numbers import VocabShard
 from .buffers import empty_huge_pages
-from .math import exp_shifted
+from .math import exp_shifted, row_shift
 from .header import labels_fingerprint
 from .statistics import (GradientTerms, OpSpec, RowLabels, RowStatistics, combine, gradient_terms,
                          label_rows, save_for_backward, saved_tensors)
@@ -63,8 +63,7 @@ def _torch_row_statistics(z: torch.Tensor, target_local: torch.Tensor, in_shard:
         chunk, b = z[r0:r1], buf[: r1 - r0]
         if low_precision:  # one explicit conversion; mixed-dtype ops would copy per op
             chunk = b.copy_(chunk)
-        top = chunk.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        top = row_shift(chunk)
         exp_shifted(chunk, top, out=b)  # in place for a converted chunk
         lse[r0:r1] = torch.log(b.sum(-1)) + top.squeeze(1)
     target = z.gather(1, target_local.unsqueeze(1)).squeeze(1).float()

@@ -58,6 +58,13 @@ def reweigh(loss: torch.Tensor, mass: torch.Tensor, max_distance: float) -> torc
 LOG2E = 1.4426950408889634
 
 
+def row_shift(z: torch.Tensor) -> torch.Tensor:
+    """Each row's maximum ``[rows, 1]``, 0 where it is not finite (an all ``-inf`` row): the
+    shift that keeps ``exp(z - shift)`` in range."""
+    top = z.amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
 def exp_shifted(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = exp(x - shift)`` (``shift`` broadcast, e.g. one per row) as
     ``exp2((x - shift) * log2(e))``: the vectorised exp2 is several times faster than exp on
