@@ -198,7 +198,7 @@ def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None
     ``config.fused_head``, with the layout read from the model (AutoTP's TP group and
     ``vocab_start_index``, the DP group). Returns the installed :class:`HFLoss` (its ``.remove()``
     undoes it). The flops profiler books the op's work."""
-    from ..patches import fused_head, transformers as hf
+    from ..patches import fused_head, hf_sequence_parallel, transformers as hf
     from ..patches.hf_loss import HFLoss
 
     if config is None:
@@ -227,6 +227,15 @@ def install(engine_or_model, tokenizer=None, config: Union[NTLConfig, dict, None
                  on_output=loss.on_output, sp_group=loss.sp_group,
                  sp_grads_averaged=loss.sp_grads_averaged)
         loss.remove = lambda: hf.remove(model)
+    if layout.sp_group is not None:  # HF Trainer: no re-weighting of our SP loss
+        hf_sequence_parallel.register(model)
+        remove_loss = loss.remove
+
+        def remove():
+            hf_sequence_parallel.unregister(model)
+            remove_loss()
+
+        loss.remove = remove
     book_into_root(model)  # flops profiler: see flops.py
     return loss
 

@@ -78,22 +78,9 @@ class NTLTrainer(Trainer):
         (self._train_metrics if self.model.training else self._eval_metrics)(out)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, *args, **kwargs):
-        self.install_ntl()  # evaluation without training installs here
-        if self.ntl_loss.sp_group is not None and self.model.training:
-            return self._sequence_parallel_loss(model, inputs, return_outputs)
+        self.install_ntl()  # evaluation without training installs here; under Ulysses SP,
+        # install routes Trainer's SP loss through patches/hf_sequence_parallel.py
         return super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
-
-    @staticmethod
-    def _sequence_parallel_loss(model, inputs, return_outputs: bool):
-        """Ulysses SP (``ParallelismConfig(sp_backend="deepspeed")``): our loss already is the
-        whole micro-batch's on every SP rank, with this rank's share as its gradient
-        (:func:`ntl_deepspeed.loss.token_weights`). transformers' ``deepspeed_sp_compute_loss``
-        would re-weight each rank's loss by its valid tokens -- right for CE alone, not for an
-        NTL normalised over the whole sequence's number labels -- so it is not used."""
-        if "labels" not in inputs and "shift_labels" in inputs:
-            inputs = {**inputs, "labels": inputs["shift_labels"]}  # the adapter drops labels
-        outputs = model(**inputs)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs, *args, **kwargs):
         """Trainer calls ``log`` on every rank: the metrics' DP all-reduce happens here."""

@@ -54,6 +54,7 @@ def batch(replica: int = 0):
     ids[0, 3] = 7                                  # one digit label in slice 0
     labels = ids.clone()
     labels[0, :3] = -100
+    labels[1, :4] = -100  # slice 0 holds 7 labelled positions, slice 1 holds 10
     return ids, labels
 
 
@@ -155,10 +156,12 @@ def run_loop(model, vocab):
             for name in results}
 
 
-def run_trainer(model, ids, labels, vocab, out_dir):
+def run_trainer(model, ids, labels, vocab, out_dir, plain: bool = False):
+    """NTLTrainer, or (``plain``) the stock ``Trainer`` with ``install`` at train begin."""
     from accelerate.utils import DeepSpeedSequenceParallelConfig, ParallelismConfig
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from ntl_deepspeed import NTLConfig, install
     from ntl_deepspeed.integrations.hf_trainer import NTLTrainer
 
     ntl = {"normalization": "micro_batch"}
@@ -185,8 +188,16 @@ def run_trainer(model, ids, labels, vocab, out_dir):
             sp_backend="deepspeed", sp_size=SP, sp_handler=DeepSpeedSequenceParallelConfig(
                 sp_seq_length=SEQ, sp_seq_length_is_variable=False,
                 sp_attn_implementation="sdpa")))
-    trainer = NTLTrainer(model=model, args=args, train_dataset=rows, ntl_vocab=vocab,
-                         callbacks=[GradsBeforeStep()])
+    if plain:
+        class InstallAtTrainBegin(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                install(trainer.model_wrapped, config=NTLConfig(**ntl), vocab=vocab)
+
+        trainer = Trainer(model=model, args=args, train_dataset=rows,
+                          callbacks=[InstallAtTrainBegin(), GradsBeforeStep()])
+    else:
+        trainer = NTLTrainer(model=model, args=args, train_dataset=rows, ntl_vocab=vocab,
+                             callbacks=[GradsBeforeStep()])
     trainer.train()
     row = next(r for r in trainer.state.log_history if "loss" in r)
     return {"trainer": {**grads, "ours": row}}
@@ -194,7 +205,7 @@ def run_trainer(model, ids, labels, vocab, out_dir):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["loop", "trainer"])
+    ap.add_argument("mode", choices=["loop", "trainer", "plain_trainer"])
     ap.add_argument("out")
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
@@ -205,7 +216,8 @@ def main():
     if args.mode == "loop":
         result = run_loop(model, vocab)
     else:
-        result = run_trainer(model, *batch(), vocab, os.path.dirname(args.out))
+        result = run_trainer(model, *batch(), vocab, os.path.dirname(args.out),
+                             plain=args.mode == "plain_trainer")
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
