@@ -6,6 +6,7 @@ ranks), through NTLTrainer with ParallelismConfig(sp_backend="deepspeed"), and i
 (--sequence-parallel 2 vs 1 rank). Layouts that cannot work stop at start-up."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,32 +110,49 @@ def test_initialize_refuses_sp_with_autotp_before_deepspeed():
             vocab=ntl_deepspeed.NumberVocab.from_tokens([str(i) for i in range(10)]))
 
 
-def test_our_trainer_sp2_equals_one_rank(tmp_path):
+@pytest.mark.parametrize("variant", ["plain", "grad_accumulation", "resume"])
+def test_our_trainer_sp2_equals_one_rank(tmp_path, variant):
     """ntl-pretrain --sequence-parallel 2 (ZeRO-3, 2 ranks sharing each sequence) vs the same
     job on 1 rank: the same micro-batches, so the same loss, CE and NTL at every step. SGD
-    without clipping: a wrong gradient scale would change the later steps."""
-    from launch_utils import TINY, command, env, metrics
+    without clipping: a wrong gradient scale would change the later steps. Also with 2
+    micro-batches per step, and with the SP run stopped after step 1 and resumed."""
+    from launch_utils import TINY, command, env, losses_by_step, metrics
 
     with open(TINY) as f:
         config = json.load(f)
     config.pop("scheduler")
     config.update(gradient_clipping=0.0, zero_allow_untested_optimizer=True,
                   optimizer={"type": "SGD", "params": {"lr": 0.5}})
+    if variant == "grad_accumulation":
+        config.update(gradient_accumulation_steps=2)
     path = tmp_path / "sgd.json"
     path.write_text(json.dumps(config))
-    rows = {}
-    for ranks, extra in ((2, ["--sequence-parallel", "2"]), (1, [])):
+
+    def run(ranks, *extra):
         out = tmp_path / f"ranks{ranks}"
-        proc = subprocess.run(command(out, "--steps", "3", "--no-save", *extra,
-                                      config=str(path), ranks=ranks),
+        proc = subprocess.run(command(out, *extra, config=str(path), ranks=ranks),
                               cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        rows[ranks] = metrics(out)
+        run.output = proc.stdout + proc.stderr
+        return out
+
+    sp = ["--sequence-parallel", "2"]
+    if variant == "resume":
+        run(2, "--steps", "2", *sp)
+        run(2, "--steps", "3", "--no-save", "--resume", *sp)
+        assert re.search(r"--resume: continuing from \S*step2\b", run.output), run.output[-2000:]
+    else:
+        run(2, "--steps", "3", "--no-save", *sp)
+    rows = {2: metrics(tmp_path / "ranks2"), 1: metrics(run(1, "--steps", "3", "--no-save"))}
+    if variant == "resume":  # the resumed run's rows: steps 0, 1, then 2 after the restart
+        assert sorted(losses_by_step(tmp_path / "ranks2")) == [0, 1, 2]
+        rows[2] = list({r["step"]: r for r in rows[2]}.values())
     assert [r["step"] for r in rows[2]] == [0, 1, 2]
     assert rows[2][2]["loss"] < rows[2][0]["loss"] - 0.1  # it trains
-    for sp, one in zip(rows[2], rows[1]):
+    for sp_row, one in zip(rows[2], rows[1]):
         for key in ("loss", "ce", "ntl", "number_mae", "number_accuracy"):
-            assert sp[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (sp["step"], key)
+            assert sp_row[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), \
+                (sp_row["step"], key)
 
 
 def test_our_trainer_refuses_what_sp_cannot_do():
