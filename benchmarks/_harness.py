@@ -35,14 +35,29 @@ def seconds(step: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _rank_main(rank: int, worker, world: int, port: int, args: tuple, out_path: str) -> None:
+    worker(rank, world, port, *args, out_path)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    # skip the interpreter's teardown: gloo's threads sometimes abort a finished process there
+    # ("terminate called without an active exception"); a failure above still raises
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(worker, world: int, *args):
     """Run ``worker(rank, world, port, *args, out_path)`` on ``world`` spawned processes (gloo on
-    ``port``); returns the JSON that rank 0 wrote to ``out_path``."""
+    ``port``; the process group is ended here after ``worker`` returns); returns the JSON that
+    rank 0 wrote to ``out_path``."""
     import torch.multiprocessing as mp
 
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        mp.start_processes(worker, args=(world, free_port(), *args, tmp.name), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(_rank_main, args=(worker, world, free_port(), args, tmp.name),
+                           nprocs=world, start_method="spawn")
         with open(tmp.name) as f:
             return json.load(f)
 
@@ -50,10 +65,12 @@ def spawn_ranks(worker, world: int, *args):
 def child_error(stdout: str, stderr: str, limit: int = 6000) -> str:
     """What a failed child said about its failure: its last Python traceback (stderr, else
     stdout) to the end, else the tails of both streams."""
+    aborts = [line for line in (stderr or "").splitlines()  # a C++ abort leaves no traceback
+              if line.startswith(("terminate called", "Fatal Python error"))]
     for text in (stderr or "", stdout or ""):
         at = text.rfind("Traceback (most recent call last)")
         if at >= 0:
-            return text[at:][-limit:]
+            return "\n".join(aborts + [text[at:][-limit:]])
     return f"stdout (tail):\n{(stdout or '')[-limit // 2:]}\nstderr (tail):\n{(stderr or '')[-limit // 2:]}"
 
 

@@ -93,7 +93,6 @@ def _tp_worker(rank, world, port, args, out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump([res[0], peaks.item(), res[2]], f)
-    dist.destroy_process_group()
 
 
 def measure_in_child(args_list):

@@ -188,7 +188,6 @@ def _tp_worker(rank, world, port, shape, reps, out_path):
                        "time_median_s": {k: statistics.median(v) for k, v in times.items()},
                        "all_reduces": counts}, f)
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def run_tp(shape, reps):
