@@ -27,24 +27,19 @@ from .statistics import (OpSpec, PerToken, RowLabels, RowStatistics, combine, gr
 
 # The chunk's logits buffer plus the hidden-state gradient stay within this fraction of the
 # fp32 [T, V_local] logits (the materialised path holds them and their gradient: >= 2x that).
-LOGITS_FRACTION = 0.075
+LOGITS_FRACTION = 0.065
 # ... but the buffer may always hold this many fp32 elements (16 MiB): below that its memory
 # does not matter, while every chunk costs fixed work (~30 small ops, two collectives under TP).
 MIN_BUFFER_ELEMENTS = 4 * 2**20
 # Fewer tokens per chunk re-read the weight shard (and dW) more often than the GEMMs pay for.
 MIN_TOKEN_CHUNK = 64
-# Chunks are a multiple of this many tokens: CPU GEMM kernels tile rows by it (a 233-row
-# chunk ran its GEMMs 10-20 % slower than a 256-row one).
-TOKEN_CHUNK_MULTIPLE = 64
 
 
 def budget_token_chunk(tokens: int, width: int, hidden_size: int) -> int:
     """Tokens per chunk from the memory budget :data:`LOGITS_FRACTION` (or
-    :data:`MIN_BUFFER_ELEMENTS`), rounded down to a multiple of :data:`TOKEN_CHUNK_MULTIPLE`
-    (at least :data:`MIN_TOKEN_CHUNK`, at most ``tokens``)."""
+    :data:`MIN_BUFFER_ELEMENTS`), at least :data:`MIN_TOKEN_CHUNK`, at most ``tokens``."""
     elements = max(LOGITS_FRACTION * tokens * width - tokens * hidden_size, MIN_BUFFER_ELEMENTS)
-    rows = int(elements // max(width, 1)) // TOKEN_CHUNK_MULTIPLE * TOKEN_CHUNK_MULTIPLE
-    return max(1, min(tokens, max(MIN_TOKEN_CHUNK, rows)))
+    return max(1, min(tokens, max(MIN_TOKEN_CHUNK, int(elements // max(width, 1)))))
 
 
 def _fields(obj) -> tuple:
