@@ -129,8 +129,9 @@ class FusedHead:
             head = head_of._head
             if group_size(head_of.loss.tp_group) > 1:
                 hidden = _AllReduceGradOverTP.apply(hidden, head_of.loss.tp_group)
-            loss = head_of.loss(labels, shift_labels, num_items, width=head.weight.shape[0],
-                                device=hidden.device, hidden=hidden, head_weight=head.weight,
+            weight = head.weight  # read once: a head may build it at each access
+            loss = head_of.loss(labels, shift_labels, num_items, width=weight.shape[0],
+                                device=hidden.device, hidden=hidden, head_weight=weight,
                                 head_bias=getattr(head, "bias", None))
             head_of._head_returned_loss = True
             return loss
