@@ -6,10 +6,26 @@ intermediate 8192, tied embeddings; 3.21 B parameters) with a 128256-row vocabul
 come from Mistral's 32000-piece sentencepiece model (digits split one by one), the other rows
 are padding (Llama-3's shapes, not its text). bf16 (this CPU's bf16 GEMMs are faster than fp32
 at these shapes), torch SGD (ZeRO's fp32 master weights and gradients on NVMe; Adam's two
-moments need two more swap buffers of the 128256x3072/2 embedding partition, 1.6 GB per rank,
-that this machine does not have), micro-batch 1, sequence 32. Config:
-configs/zero3_cpu_nvme_3b.json (its NVMe folder is replaced by --nvme-dir). Needs libaio-dev
-(launch/setup_env.sh installs it); the aio op is JIT-built with ninja on first use (2-12 min).
+moments would need two more optimizer swap buffers and 2x the disk), micro-batch 1, sequence
+32. Config: configs/zero3_cpu_nvme_3b_blocks.json (its NVMe folder is replaced by --nvme-dir).
+Needs libaio-dev (launch/setup_env.sh installs it); the aio op is JIT-built with ninja on first
+use (2-12 min).
+
+What makes 3.21 B fit in 2 x ~8 GB (each measured; docs/deepspeed.md has the file:line):
+- the tied 128256x3072 embedding is held as --vocab-blocks (16) row-block parameters, the same
+  matrix (benchmarks/_vocab_blocks.py, checked against one matrix): DeepSpeed sizes its
+  parameter and optimizer swap buffers by the largest parameter / sub-group, and a sub-group
+  cannot split a parameter; so buffer_size and sub_group_size drop from 200 M / 100 M elements
+  (394 M embedding) to 12.6 M / 25 M (an MLP matrix);
+- "memory_efficient_linear": true: with torch's F.linear autograd keeps the transposed view of
+  each gathered weight until the backward, i.e. every layer's gathered bf16 parameters
+  (0.19 GB per layer and rank); DeepSpeed's linear saves the parameter itself (the other
+  configs set it false only for the flops profiler, which double-counts it);
+- MALLOC_MMAP_THRESHOLD_=65536 for the workers (glibc heap fragmentation: ~0.1 GB per layer);
+- the fused head stores its weight gradient in bf16 (one token chunk; 1.6 GB less).
+What stays: DeepSpeed's gradient buffer for the whole partition (stage3.py, bf16, 0.1 GB per
+layer and rank), the gathered embedding, and around the fused head its gathered blocks, their
+concatenation and its bf16 gradient (0.8 GB each).
 
 Each run: two forwards of the *materialised* head (real logits: the model's bf16 ones, and
 fp32 ones from the same bf16 hidden states and weight, as the fused head's GEMMs are fp32 on
@@ -21,7 +37,7 @@ some process of this shared machine), recorded with how far it got, and --fallba
 layers are run instead. Writes benchmarks/results/scale.json.
 
     bash -c 'source launch/setup_env.sh && python benchmarks/scale.py'            # ~15 min
-    python benchmarks/scale.py --layers 2 --steps 2 --out /tmp/scale_small.json   # ~5 min
+    python benchmarks/scale.py --layers 2 --steps 2 --out /tmp/scale_small.json   # ~3 min
 """
 from __future__ import annotations
 
@@ -42,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import ROOT, free_port, mistral_tokenizer, write_json  # noqa: E402
 
 VOCAB = 128256  # Llama-3's
-DS_CONFIG = os.path.join(ROOT, "configs", "zero3_cpu_nvme_3b.json")
+DS_CONFIG = os.path.join(ROOT, "configs", "zero3_cpu_nvme_3b_blocks.json")
 MODEL = os.path.join(ROOT, "configs", "model", "llama_3b.json")
 
 
@@ -99,7 +115,8 @@ class PhaseMemory:
     def end(self, phase: str) -> None:
         peak = self._status("VmHWM")
         self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak)
-        print(f"[scale] pid {os.getpid()} {phase}: peak RSS {peak:.0f} MB", flush=True)
+        print(f"[scale] pid {os.getpid()} {phase}: peak RSS {peak:.0f} MB (at its end "
+              f"{self._status('VmRSS'):.0f} MB)", flush=True)
         self.start()
 
 
@@ -151,7 +168,12 @@ def worker(args) -> None:
     torch.manual_seed(args.seed)  # the same initial weights run after run
     memory = PhaseMemory()
     t0 = time.perf_counter()
-    engine, _hf_config, _ = build_engine(args.model, VOCAB, ds_config)  # keep _hf_config alive
+    if args.vocab_blocks > 1:  # the tied embedding as row blocks (benchmarks/_vocab_blocks.py)
+        from _vocab_blocks import build_engine as build_blocked
+
+        engine, _hf_config = build_blocked(args.model, VOCAB, ds_config, args.vocab_blocks)
+    else:
+        engine, _hf_config, _ = build_engine(args.model, VOCAB, ds_config)  # keep it alive
     init_s = time.perf_counter() - t0
     memory.end("init")  # (the whole process so far)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -282,18 +304,23 @@ def run(args, layers: int) -> dict:
     os.makedirs(nvme_dir)
     result = os.path.join(tmp, "worker.json")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=ROOT)
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # glibc: blocks >= 64 KB straight from mmap, back to the system when freed (by default the
+    # threshold climbs to 32 MB and DeepSpeed's 3-25 MB partitions fragment the heap: +0.1 GB
+    # per layer and rank that is never given back)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(free_port()), os.path.abspath(__file__), "--worker", "--result", result,
            "--ds-config", args.ds_config, "--model", model_file(args.model, layers, tmp),
            "--nvme-dir", nvme_dir, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--vocab-blocks", str(args.vocab_blocks)]
     with open(model_file(args.model, layers, tmp)) as f:
         n_layers = json.load(f)["num_hidden_layers"]
     header = {"model": f"{os.path.relpath(args.model, ROOT)}, {n_layers} layers, vocab {VOCAB} "
                        f"(Mistral 32000-piece ids, rest padding)",
-              "layers": n_layers, "machine_ram_before": os.popen("free -m").read().splitlines()}
+              "layers": n_layers, "vocab_blocks": args.vocab_blocks,
+              "machine_ram_before": os.popen("free -m").read().splitlines()}
     t0 = time.perf_counter()
     log_path = os.path.join(tmp, "launcher.log")
     print(f"[scale] {n_layers} layers: launching 2 ranks; log: {log_path}", flush=True)
@@ -372,6 +399,8 @@ def main():
                     type=lambda text: [int(n) for n in text.split(",") if int(n) > 0],
                     help="layer counts tried in turn while runs are stopped for RAM (0: none)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-blocks", type=int, default=16,
+                    help="the tied embedding as this many row-block parameters (1: one matrix)")
     ap.add_argument("--min-available-gb", type=float, default=1.5,
                     help="stop the run when the machine's available RAM falls below this")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale.json"))
