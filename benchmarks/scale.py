@@ -16,7 +16,8 @@ What makes 3.21 B fit in 2 x ~8 GB (each measured; docs/deepspeed.md has the fil
   matrix (benchmarks/_vocab_blocks.py, checked against one matrix): DeepSpeed sizes its
   parameter and optimizer swap buffers by the largest parameter / sub-group, and a sub-group
   cannot split a parameter; so buffer_size and sub_group_size drop from 200 M / 100 M elements
-  (394 M embedding) to 12.6 M / 25 M (an MLP matrix);
+  (394 M embedding) to 12.6 M / 25 M (an MLP matrix): 2.7 GB less per rank (with one matrix,
+  --vocab-blocks 1 --ds-config configs/zero3_cpu_nvme_3b.json, 3.21 B peaks at 10.5 GB per rank);
 - "memory_efficient_linear": true: with torch's F.linear autograd keeps the transposed view of
   each gathered weight until the backward, i.e. every layer's gathered bf16 parameters
   (0.19 GB per layer and rank); DeepSpeed's linear saves the parameter itself (the other
