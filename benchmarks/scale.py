@@ -37,7 +37,7 @@ RAM falls below --min-available-gb, that run is stopped (before the kernel's OOM
 some process of this shared machine), recorded with how far it got, and --fallback-layers
 layers are run instead. Writes benchmarks/results/scale.json.
 
-    bash -c 'source launch/setup_env.sh && python benchmarks/scale.py'            # ~15 min
+    bash -c 'source launch/setup_env.sh && python benchmarks/scale.py'            # ~9 min
     python benchmarks/scale.py --layers 2 --steps 2 --out /tmp/scale_small.json   # ~3 min
 """
 from __future__ import annotations
