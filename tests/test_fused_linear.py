@@ -82,6 +82,8 @@ def test_single_device_fp32_and_bf16():
     check(0, 1, [(0, V)], torch.bfloat16, 2e-2, block=16, token_chunk=7)
     # bf16 GEMM operands for fp32 inputs (CUDA's default for bf16 models), fp32 statistics
     check(0, 1, [(0, V)], torch.float32, 2e-2, block=16, gemm_dtype=torch.bfloat16)
+    # bf16 weight and GEMMs (CUDA's default): one chunk writes the bf16 weight gradient directly
+    check(0, 1, [(0, V)], torch.bfloat16, 2e-2, block=16, gemm_dtype=torch.bfloat16)
 
 
 def worker(rank, world, uneven):

@@ -138,7 +138,7 @@ class HiddenCENTLReduced(torch.autograd.Function):
                 if need_h:
                     _mm_into(d_hidden[t0:t1], g, w, accumulate=c0 > 0)
                 if narrow_dw and dw_block is None:  # GEMM in the weight's dtype: as it is
-                    torch.mm(g.t(), h, out=d_weight[c0:c1])
+                    _mm_into(d_weight[c0:c1], g.t(), h, accumulate=False)
                 elif narrow_dw:  # the same fp32 GEMM as below, rounded once to the weight's dtype
                     part = dw_block[: c1 - c0]
                     _mm_into(part, g.t(), h, accumulate=False)
