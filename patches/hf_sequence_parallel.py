@@ -67,7 +67,3 @@ def unregister(model) -> None:
     _models.discard(_unwrapped(model))
     if not len(_models):
         _patch.remove()
-
-
-def is_registered(model) -> bool:
-    return _unwrapped(model) in _models and _patch.applied

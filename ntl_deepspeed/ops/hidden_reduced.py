@@ -137,13 +137,11 @@ class HiddenCENTLReduced(torch.autograd.Function):
                 g, w = z[:, c0:c1].to(gemm), weight[c0:c1].to(gemm)
                 if need_h:
                     _mm_into(d_hidden[t0:t1], g, w, accumulate=c0 > 0)
-                if narrow_dw and dw_block is None:  # GEMM in the weight's dtype: as it is
-                    _mm_into(d_weight[c0:c1], g.t(), h, accumulate=False)
-                elif narrow_dw:  # the same fp32 GEMM as below, rounded once to the weight's dtype
+                if dw_block is not None:  # the fp32 GEMM, rounded once to the weight's dtype
                     part = dw_block[: c1 - c0]
                     _mm_into(part, g.t(), h, accumulate=False)
                     d_weight[c0:c1] = part
-                elif need_w:
+                elif need_w:  # (a narrow d_weight with GEMMs in its dtype: one chunk, t0 = 0)
                     _mm_into(d_weight[c0:c1], g.t(), h, accumulate=t0 > 0)
             if need_b:
                 d_bias += z.sum(0)
